@@ -91,6 +91,11 @@ class ImageEncoderSettings(Section):
 
     backbone: ImageBackbone = "resnet50"
     widths: tuple[int, int, int, int] | None = None  # ResNet block widths; None = (64, 128, 256, 512)
+    # MONAI's defaults (7x7x7 stem at stride 1, then max-pool) are what the official code trains; a
+    # stride-2 stem is ~10x cheaper and is what the CPU presets use.
+    conv1_kernel: int = Field(7, ge=1)
+    conv1_stride: int = Field(1, ge=1)
+    max_pool: bool = True
     vit_patch_size: int = 16
     weights: Path | None = None  # optional local state dict for the backbone
 
