@@ -252,7 +252,8 @@ def test_describe_spec_is_json_and_complete() -> None:
     assert description["orientation"] == "RAS"
     assert description["hu_window"] == [-1000.0, 1000.0]
     assert description["target_spacing_mm"] == [1.0, 1.0, 2.0]
-    for key in ("output_range", "crop_foreground", "foreground_threshold_hu", "interpolation", "axes", "recipe_version"):
+    for key in ("output_range", "crop_foreground", "foreground_threshold_hu", "interpolation", "axes", "recipe_version",
+                "dicom_assembly"):
         assert key in description
 
 
@@ -282,7 +283,8 @@ def test_assemble_stack_tilted_uneven_matches_ground_truth() -> None:
     assert result.info["gantry_tilt_corrected"] and result.info["slice_resampled"]
     assert result.info["gantry_tilt_deg"] == pytest.approx(20.0, abs=1e-6)
     affine = result.affine_lps
-    np.testing.assert_allclose(affine[:3, :3].T @ affine[:3, :3], np.diag(np.diag(affine[:3, :3].T @ affine[:3, :3])), atol=1e-9)
+    gram = affine[:3, :3].T @ affine[:3, :3]
+    np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-9)  # orthogonal (untilted) grid
     n_out = result.stack.shape[0]
     extent = (positions[-1] - positions[0]) @ normal
     assert (n_out - 1) * result.info["slice_spacing_mm"] == pytest.approx(extent)

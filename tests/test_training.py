@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from config import load_settings
-from trainer.data.manifest import read_manifest, write_manifest
+from trainer.data.manifest import read_manifest
 from trainer.data.row_checks import BadRowError
 from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.loop import train
@@ -151,4 +151,3 @@ def test_ddp_with_torchrun_on_two_cpu_processes(tmp_path: Path) -> None:
     state = load_checkpoint(out / "last.pt")
     assert state["global_step"] >= 1
     assert len(read_manifest(Path(state["data"]["manifest"]))) > 0
-    _ = write_manifest

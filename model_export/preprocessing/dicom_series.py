@@ -110,7 +110,10 @@ def _sort_and_deduplicate(slices: list[DicomSlice], source: str) -> tuple[list[D
         names = [slices[i].path.name for group in groups if len(group) > 1 for i in group]
         log.warning(
             "%s: %d slice(s) share a position with another slice and were dropped (kept the lowest "
-            "InstanceNumber of each group): %s", source, dropped, ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            "InstanceNumber of each group): %s",
+            source,
+            dropped,
+            ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""),
         )
     return [slices[i] for i in kept], dropped
 
@@ -170,10 +173,14 @@ def load_dicom_series(source: str | Path | Sequence[str | Path], *, min_slices: 
 
     modality = first.modality or None
     if modality != "CT":
-        log.warning("%s: modality is %s, not CT; Hounsfield windows may not be meaningful", label, modality or "missing")
+        log.warning(
+            "%s: modality is %s, not CT; Hounsfield windows may not be meaningful", label, modality or "missing"
+        )
     series_uid = first.series_uid or None
     if series_uid is None:
-        log.warning("%s: SeriesInstanceUID is blank; cannot prove the files are one series (geometry checks passed)", label)
+        log.warning(
+            "%s: SeriesInstanceUID is blank; cannot prove the files are one series (geometry checks passed)", label
+        )
     meta = {
         "format": "dicom",
         "modality": modality,
@@ -186,4 +193,9 @@ def load_dicom_series(source: str | Path | Sequence[str | Path], *, min_slices: 
         **assembled.info,
     }
     # The stack is [slice, row, column]; nibabel order (column, row, slice) is its transpose (a view).
-    return Volume(array=assembled.stack.transpose(2, 1, 0), affine=_LPS_TO_RAS @ assembled.affine_lps, source=label, meta=meta)
+    return Volume(
+        array=assembled.stack.transpose(2, 1, 0),
+        affine=_LPS_TO_RAS @ assembled.affine_lps,
+        source=label,
+        meta=meta,
+    )

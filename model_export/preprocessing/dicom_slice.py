@@ -22,8 +22,8 @@ __all__ = ["DicomSlice", "read_dicom_slice"]
 
 # Hint for the usual reason a JPEG-LS / JPEG lossless file fails: no decoder plugin installed.
 _DECODER_HINT = (
-    "install a decoder for it (pylibjpeg-libjpeg for JPEG lossless/JPEG-LS, pyjpegls, or python-gdcm) "
-    "or have the PACS send an uncompressed / JPEG 2000 / RLE transfer syntax"
+    "install a decoder plugin for it (e.g. pylibjpeg-libjpeg, pyjpegls or python-gdcm) or have the PACS "
+    "send an uncompressed, JPEG 2000 or RLE transfer syntax"
 )
 
 
@@ -70,7 +70,8 @@ class DicomSlice:
         try:
             raw = self.dataset.pixel_array
         except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by codec
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = (lines[0] + " " + "; ".join(lines[1:])).strip() if lines else type(exc).__name__
             raise PixelDecodeError(
                 f"{self.path}: cannot decode pixel data in transfer syntax {self.transfer_syntax_name}: "
                 f"{reason}; {_DECODER_HINT}"

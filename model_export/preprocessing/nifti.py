@@ -58,4 +58,6 @@ def load_npy(path: str | Path) -> Volume:
     array = squeeze_to_3d(np.asarray(array), str(path))
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise VolumeError(f"{path}: array type {array.dtype} is not a real scalar")
-    return Volume(array=array.astype(np.float32, copy=False), affine=np.eye(4), source=str(path), meta={"format": "npy"})
+    return Volume(
+        array=array.astype(np.float32, copy=False), affine=np.eye(4), source=str(path), meta={"format": "npy"}
+    )

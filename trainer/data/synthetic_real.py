@@ -92,48 +92,54 @@ def _tumour_boxes_ras(ct_root: Path, patient: str, folders: list[Path]) -> list[
 
 
 def _lung_like_fill(
-    hu: np.ndarray, affine: np.ndarray, boxes: list[np.ndarray], rng: np.random.Generator, margin_mm: float = 8.0
+    hu: np.ndarray,
+    affine: np.ndarray,
+    boxes: list[np.ndarray],
+    body_centre_i: float,
+    rng: np.random.Generator,
+    margin_mm: float = 6.0,
+    closing_mm: float = 25.0,
 ) -> int:
     """Paint the annotated tumour over with lung parenchyma, in place; returns voxels changed.
 
-    Per slice, only voxels inside the box, inside the convex hull of that side's aerated lung and with
-    soft-tissue attenuation are replaced, so chest wall, spine and mediastinum outside the lung stay.
+    Slice by slice, the boxes annotated within half a slice (plus ``margin_mm``) of that slice are
+    used. Inside them, only soft-tissue voxels within the *closed* outline of that side's aerated lung
+    (a disc closing of ``closing_mm`` bridges the bite the tumour takes out of the lung, but not the
+    much wider cardiac/mediastinal concavity) are replaced, so chest wall, spine and mediastinum stay.
     """
     if not boxes:
         return 0
-    points = np.concatenate(boxes, axis=0)
     inv = np.linalg.inv(affine)
-    lo_mm, hi_mm = points.min(axis=0) - margin_mm, points.max(axis=0) + margin_mm
-    corners = np.array([[x, y, z, 1.0] for x in (lo_mm[0], hi_mm[0]) for y in (lo_mm[1], hi_mm[1]) for z in (lo_mm[2], hi_mm[2])])
-    vox = (inv @ corners.T).T[:, :3]
-    lo = np.clip(np.floor(vox.min(axis=0)).astype(int), 0, np.asarray(hu.shape) - 1)
-    hi = np.clip(np.ceil(vox.max(axis=0)).astype(int) + 1, 1, np.asarray(hu.shape))
-    centre_i = (lo[0] + hi[0]) / 2.0
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    z_of_k = (affine @ np.array([[0.0, 0.0, k, 1.0] for k in range(hu.shape[2])]).T)[2]
+    ii = np.arange(hu.shape[0])[:, None]
     changed = 0
-    for k in range(lo[2], hi[2]):
-        plane = hu[:, :, k]
-        air = plane < -500
-        body = ndimage.binary_fill_holes(plane > -500)
-        lung = air & body
-        side = np.zeros_like(lung)
-        # the tumour's side: lung voxels on the same side of the image centre line as the box centre
-        mid = plane.shape[0] / 2.0
-        ii = np.arange(plane.shape[0])[:, None]
-        side = lung & ((ii < mid) if centre_i < mid else (ii >= mid))
-        pts = np.argwhere(side)
-        if len(pts) < 20:
+    for k in range(hu.shape[2]):
+        near = [b for b in boxes if abs(float(b[:, 2].mean()) - z_of_k[k]) <= spacing[2] / 2.0 + margin_mm]
+        if not near:
             continue
-        hull = spatial.Delaunay(pts[spatial.ConvexHull(pts).vertices])
-        sub = np.argwhere(np.ones((hi[0] - lo[0], hi[1] - lo[1]), dtype=bool)) + lo[:2]
-        inside = (hull.find_simplex(sub) >= 0).reshape(hi[0] - lo[0], hi[1] - lo[1])
+        pts = np.concatenate(near, axis=0)
+        corners = np.array([[x, y, z_of_k[k], 1.0] for x in (pts[:, 0].min() - margin_mm, pts[:, 0].max() + margin_mm)
+                            for y in (pts[:, 1].min() - margin_mm, pts[:, 1].max() + margin_mm)])
+        vox = (inv @ corners.T).T[:, :2]
+        lo = np.clip(np.floor(vox.min(axis=0)).astype(int), 0, np.asarray(hu.shape[:2]) - 1)
+        hi = np.clip(np.ceil(vox.max(axis=0)).astype(int) + 1, 1, np.asarray(hu.shape[:2]))
+        plane = hu[:, :, k]
+        lung = (plane < -500) & ndimage.binary_fill_holes(plane > -500)
+        box_right = (lo[0] + hi[0]) / 2.0 >= body_centre_i
+        side = lung & ((ii >= body_centre_i) if box_right else (ii < body_centre_i))
+        if side.sum() < 20:
+            continue
+        radius = closing_mm / float(spacing[0])
+        dilated = ndimage.distance_transform_edt(~side) <= radius
+        closed = ndimage.distance_transform_edt(dilated) > radius
         window = plane[lo[0] : hi[0], lo[1] : hi[1]]
-        target = inside & (window > -650) & (window < 250)
+        target = closed[lo[0] : hi[0], lo[1] : hi[1]] & (window > -650) & (window < 250)
         if not target.any():
             continue
-        lung_vals = plane[lung]
-        base = float(np.median(lung_vals)) if lung_vals.size else -850.0
-        fill = base + rng.normal(0.0, 25.0, size=int(target.sum()))
-        window[target] = fill.astype(np.float32)
+        local = window[(window < -500) & closed[lo[0] : hi[0], lo[1] : hi[1]]]
+        base = float(np.median(local)) if local.size >= 10 else float(np.median(plane[side]))
+        window[target] = (base + rng.normal(0.0, 25.0, size=int(target.sum()))).astype(np.float32)
         changed += int(target.sum())
     return changed
 
@@ -171,6 +177,12 @@ def _tissue_codes(hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     ii = np.arange(lung.shape[0])[:, None, None]
     between = any_lung[None] & (ii > first[None]) & (ii < last[None])
     mediastinum = between & ~lung & (hu > -250) & (hu < 120)
+    # drop intrapulmonary vessels (thin, isolated) and keep the one central block
+    mediastinum = ndimage.binary_opening(mediastinum, structure=np.ones((3, 3, 1), dtype=bool), iterations=2)
+    labels, n = ndimage.label(mediastinum)
+    if n > 1:
+        sizes = ndimage.sum_labels(mediastinum, labels, index=np.arange(1, n + 1))
+        mediastinum = labels == (int(np.argmax(sizes)) + 1)
     codes = np.zeros(hu.shape, dtype=np.uint8)
     codes[lung] = LUNG_CODE
     codes[mediastinum] = MEDIASTINUM_CODE
@@ -184,12 +196,16 @@ def load_real_series(folder: Path, ct_root: Path, boxes: list[np.ndarray] | None
     from model_export.preprocessing import load_dicom_series, reorient_to_ras
 
     volume = reorient_to_ras(load_dicom_series(folder))
-    hu = np.clip(np.array(volume.array, dtype=np.float32), -1024.0, 3071.0)
-    painted = _lung_like_fill(hu, volume.affine, boxes or [], np.random.default_rng(20240611))
+    hu = np.clip(np.asarray(volume.array, dtype=np.float32), -1024.0, 3071.0)
     spacing_full = volume.spacing
     factor = max(1, int(round(1.5 / max(spacing_full[0], 1e-3))))  # ~1.3-1.7 mm in-plane
     small = _downsample_inplane(hu, factor)
+    step = np.diag([factor, factor, 1.0, 1.0])
+    step[:2, 3] = (factor - 1) / 2.0  # new voxel t is centred on old voxel t*factor + (factor-1)/2
+    affine = volume.affine @ step
     spacing = (spacing_full[0] * factor, spacing_full[1] * factor, spacing_full[2])
+    _, centre = _tissue_codes(small)
+    painted = _lung_like_fill(small, affine, boxes or [], float(centre[0]), np.random.default_rng(20240611))
     codes, centre = _tissue_codes(small)
     log.info("real background %s: %d tumour voxels painted over, kept %s at %s mm", folder.name, painted, small.shape,
              tuple(round(s, 2) for s in spacing))
