@@ -7,6 +7,7 @@ is reported with its dotted path at start-up instead of failing deep inside a tr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +20,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SHARED_DATA_ENV = "MEDFINDER_SHARED_DATA"
+
+
 def default_shared_data_dir() -> Path:
-    """``../shared/data`` beside the repository root (CI and developer machines keep it there)."""
+    """``$MEDFINDER_SHARED_DATA``, else ``../shared/data`` beside the repository root (where CI keeps it)."""
+    if os.environ.get(SHARED_DATA_ENV):
+        return Path(os.environ[SHARED_DATA_ENV])
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 

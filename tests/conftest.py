@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import default_shared_data_dir
+
 # Nothing in the test suite may reach a model hub: fail fast instead of retrying for ~23 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -14,15 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def shared_data_dir() -> Path:
-    """``MEDFINDER_SHARED_DATA`` or ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("MEDFINDER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared fixture folder; tests that need it skip with a clear reason if it is absent."""
-    path = shared_data_dir()
+    path = default_shared_data_dir()
     if not (path / "ct").is_dir():
         pytest.skip(f"shared test data not found at {path} (set MEDFINDER_SHARED_DATA)")
     return path

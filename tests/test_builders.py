@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from config.settings import default_shared_data_dir as shared_data_dir
 from trainer.data.builders import (
     build_bimcvr_manifest,
     build_ctrate_manifest,

@@ -25,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-baselines", dest="baselines", action="store_false")
     evaluate.set_defaults(handler=run_evaluate)
 
+    ablate = subparsers.add_parser("ablate", help="train + evaluate with each branch switched off, side by side")
+    add_config_arguments(ablate)
+    ablate.add_argument("--out", required=True, type=Path, help="one sub-folder per variant")
+    ablate.add_argument("--variants", nargs="+", default=["full", "no-sampler", "no-mse"],
+                        help="from: full no-sampler no-mse no-fusion (default: full no-sampler no-mse)")
+    ablate.set_defaults(handler=run_ablate)
+
     data = subparsers.add_parser("data", help="build manifests or the synthetic benchmark")
     kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
     synthetic = kinds.add_parser("synthetic", help="generate the synthetic paired benchmark")
@@ -68,15 +75,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ablate(args: argparse.Namespace) -> int:
+    from trainer.evaluation.ablation import run_ablation
+
+    run_ablation(settings_from_args(args), args.out, args.variants)
+    return 0
+
+
 def run_synthetic(args: argparse.Namespace) -> int:
-    from trainer.data.sources import resolve_manifest, synthetic_dir
+    from trainer.data.sources import generate_synthetic, synthetic_dir
 
     settings = settings_from_args(args)
-    if args.out is not None:
-        settings.paths.work_dir = args.out.parent
-    manifest = resolve_manifest(settings.model_copy(update={"data": settings.data.model_copy(update={"manifest": None})}))
-    print(manifest if args.out is None else manifest)
-    _ = synthetic_dir
+    print(generate_synthetic(settings, args.out or synthetic_dir(settings)))
     return 0
 
 

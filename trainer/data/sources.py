@@ -39,16 +39,21 @@ def synthetic_dir(settings: Settings) -> Path:
     return Path(settings.paths.work_dir) / f"synthetic-{hashlib.sha256(payload).hexdigest()[:10]}"
 
 
-def resolve_manifest(settings: Settings, progress: bool = True) -> Path:
-    """The configured manifest, or the synthetic benchmark (generated once, then reused)."""
-    if settings.data.manifest is not None:
-        return Path(settings.data.manifest)
+def generate_synthetic(settings: Settings, out_dir: Path, progress: bool = True) -> Path:
+    """The synthetic benchmark in ``out_dir`` (real backgrounds when the shared CT folder exists)."""
     from trainer.data.synthetic import generate_synthetic_benchmark
 
     ct_root = Path(settings.paths.shared_data).joinpath(*LUNG_CT_FOLDER)
     return generate_synthetic_benchmark(
-        synthetic_dir(settings), settings.data.synthetic, ct_root if ct_root.is_dir() else None, progress=progress
+        out_dir, settings.data.synthetic, ct_root if ct_root.is_dir() else None, progress=progress
     )
+
+
+def resolve_manifest(settings: Settings, progress: bool = True) -> Path:
+    """The configured manifest, or the synthetic benchmark (generated once, then reused)."""
+    if settings.data.manifest is not None:
+        return Path(settings.data.manifest)
+    return generate_synthetic(settings, synthetic_dir(settings), progress)
 
 
 def manifest_rows(manifest: Path) -> list[ManifestRow]:

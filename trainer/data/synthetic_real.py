@@ -98,21 +98,20 @@ def _lung_like_fill(
     body_centre_i: float,
     rng: np.random.Generator,
     margin_mm: float = 6.0,
-    closing_mm: float = 25.0,
 ) -> int:
-    """Paint the annotated tumour over with lung parenchyma, in place; returns voxels changed.
+    """Paint the annotated tumour over with the mirrored contralateral lung, in place; returns voxels changed.
 
-    Slice by slice, the boxes annotated within half a slice (plus ``margin_mm``) of that slice are
-    used. Inside them, only soft-tissue voxels within the *closed* outline of that side's aerated lung
-    (a disc closing of ``closing_mm`` bridges the bite the tumour takes out of the lung, but not the
-    much wider cardiac/mediastinal concavity) are replaced, so chest wall, spine and mediastinum stay.
+    Slice by slice, inside the boxes annotated within half a slice (plus ``margin_mm``) of that slice,
+    a voxel is replaced by its mirror image across the body midline when it is soft tissue here but
+    aerated lung on the other side: that is the tumour (the chest is roughly symmetric), while chest
+    wall and spine, soft tissue on both sides, stay. Mirroring keeps real lung texture and vessels, so
+    the patch does not read as a flat hole.
     """
     if not boxes:
         return 0
     inv = np.linalg.inv(affine)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     z_of_k = (affine @ np.array([[0.0, 0.0, k, 1.0] for k in range(hu.shape[2])]).T)[2]
-    ii = np.arange(hu.shape[0])[:, None]
     changed = 0
     for k in range(hu.shape[2]):
         near = [b for b in boxes if abs(float(b[:, 2].mean()) - z_of_k[k]) <= spacing[2] / 2.0 + margin_mm]
@@ -125,21 +124,14 @@ def _lung_like_fill(
         lo = np.clip(np.floor(vox.min(axis=0)).astype(int), 0, np.asarray(hu.shape[:2]) - 1)
         hi = np.clip(np.ceil(vox.max(axis=0)).astype(int) + 1, 1, np.asarray(hu.shape[:2]))
         plane = hu[:, :, k]
-        lung = (plane < -500) & ndimage.binary_fill_holes(plane > -500)
-        box_right = (lo[0] + hi[0]) / 2.0 >= body_centre_i
-        side = lung & ((ii >= body_centre_i) if box_right else (ii < body_centre_i))
-        if side.sum() < 20:
-            continue
-        radius = closing_mm / float(spacing[0])
-        dilated = ndimage.distance_transform_edt(~side) <= radius
-        closed = ndimage.distance_transform_edt(dilated) > radius
+        mirror_i = np.clip(np.round(2.0 * body_centre_i - np.arange(lo[0], hi[0])).astype(int), 0, hu.shape[0] - 1)
         window = plane[lo[0] : hi[0], lo[1] : hi[1]]
-        target = closed[lo[0] : hi[0], lo[1] : hi[1]] & (window > -650) & (window < 250)
+        mirrored = plane[mirror_i, lo[1] : hi[1]]
+        target = (window > -600) & (window < 250) & (mirrored < -600)
+        target = ndimage.binary_dilation(target, iterations=1) & (window > -600) & (window < 250)
         if not target.any():
             continue
-        local = window[(window < -500) & closed[lo[0] : hi[0], lo[1] : hi[1]]]
-        base = float(np.median(local)) if local.size >= 10 else float(np.median(plane[side]))
-        window[target] = (base + rng.normal(0.0, 25.0, size=int(target.sum()))).astype(np.float32)
+        window[target] = mirrored[target] + rng.normal(0.0, 10.0, size=int(target.sum())).astype(np.float32)
         changed += int(target.sum())
     return changed
 

@@ -1,0 +1,592 @@
+"""Insert the six benchmark findings into a background (:class:`~.synthetic_anatomy.Anatomy`), in place.
+
+Why these shapes and numbers: every finding must survive the training preprocessing (HU window
+[-1000, 1000] -> [0, 1], resize to ~64x64x32, i.e. ~5 mm in-plane and ~10 mm slices), so sizes start
+around 1 cm for nodules and several cm for extended findings, while intensities follow real CT:
+soft-tissue lesions 0-60 HU in -850 HU lung, effusion 0-20 HU, nodes ~35 HU against -100 HU fat,
+emphysema ~-980 HU. Positions come from the background's own lung/mediastinum masks, so the same
+code works on procedural phantoms and on real series.
+
+Ground truth is what was inserted: every :class:`Lesion` records finding, side, zone, size and HU, and
+the report is written from these records only (never the reverse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+from .synthetic_anatomy import LEFT, RIGHT, Anatomy, smooth_noise
+
+FINDINGS: tuple[str, ...] = (
+    "nodule",
+    "consolidation",
+    "pleural effusion",
+    "atelectasis",
+    "lymphadenopathy",
+    "emphysema",
+)
+DEFAULT_PROBABILITY = 0.35  # each finding independently; ~7% of studies come out normal
+SIDE_NAMES = {LEFT: "left", RIGHT: "right"}
+SIDE_CODES = {"left": LEFT, "right": RIGHT}
+
+
+@dataclass
+class Lesion:
+    """One inserted lesion instance. ``region``/``mask`` locate its voxels (kept in memory for tests)."""
+
+    lesion_id: str
+    finding: str
+    side: str  # "left" / "right" (the patient's)
+    zone: str  # "upper" / "lower" (half of that lung's cranio-caudal extent)
+    size_mm: float  # diameter, largest extent or thickness (see each inserter)
+    hu: float  # the attenuation painted in
+    centre_vox: tuple[float, float, float]
+    volume_ml: float
+    attrs: dict[str, Any] = field(default_factory=dict)
+    region: tuple[slice, slice, slice] | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-able record written to benchmark.json (no arrays)."""
+        return {
+            "lesion_id": self.lesion_id,
+            "finding": self.finding,
+            "side": self.side,
+            "zone": self.zone,
+            "size_mm": round(self.size_mm, 1),
+            "hu": round(self.hu, 1),
+            "centre_vox": [round(v, 1) for v in self.centre_vox],
+            "volume_ml": round(self.volume_ml, 2),
+            "attrs": self.attrs,
+        }
+
+
+@dataclass(frozen=True)
+class FindingSummary:
+    """What a report can say about one present finding (aggregated over its lesions)."""
+
+    finding: str
+    laterality: str  # "left" / "right" / "bilateral"
+    zone: str  # "upper" / "lower"
+    size_mm: float
+    count: int
+    attrs: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+class _Sites:
+    """Candidate voxel positions per lung side and zone, computed lazily once per volume."""
+
+    def __init__(self, anatomy: Anatomy) -> None:
+        self.anatomy = anatomy
+        self._coords: dict[int, np.ndarray] = {}
+        self._mid: dict[int, float] = {}
+
+    def lung(self, code: int) -> np.ndarray:
+        """All (i, j, k) voxels of one lung."""
+        if code not in self._coords:
+            coords = np.argwhere(self.anatomy.lung == code)
+            self._coords[code] = coords
+            self._mid[code] = float((coords[:, 2].min() + coords[:, 2].max()) / 2.0) if len(coords) else 0.0
+        return self._coords[code]
+
+    def zone_of(self, code: int, k: float) -> str:
+        """``upper`` or ``lower``: above or below the middle of that lung's slice range."""
+        self.lung(code)
+        return "upper" if k >= self._mid[code] else "lower"
+
+    def lung_zone(self, code: int, zone: str) -> np.ndarray:
+        """The lung's voxels in one zone (the whole lung if the zone is empty)."""
+        coords = self.lung(code)
+        if not len(coords):
+            return coords
+        keep = coords[:, 2] >= self._mid[code] if zone == "upper" else coords[:, 2] < self._mid[code]
+        return coords[keep] if keep.any() else coords
+
+
+def _box(
+    centre: np.ndarray, half_mm: np.ndarray | float, spacing: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[tuple[slice, slice, slice], list[np.ndarray]]:
+    """A voxel box around ``centre`` (voxels) reaching ``half_mm`` each way, and mm offsets per axis."""
+    half_vox = np.ceil(np.asarray(half_mm) / spacing).astype(int) + 1
+    lo = np.maximum(np.floor(centre).astype(int) - half_vox, 0)
+    hi = np.minimum(np.floor(centre).astype(int) + half_vox + 1, np.asarray(shape))
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    offsets = [((np.arange(a, b) - c) * s).astype(np.float32) for a, b, c, s in zip(lo, hi, centre, spacing)]
+    return region, offsets  # type: ignore[return-value]
+
+
+def _grid(offsets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Broadcastable mm offset arrays (dx, dy, dz) for a box."""
+    return offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]
+
+
+def _soft(distance_inside_mm: np.ndarray, edge_mm: float) -> np.ndarray:
+    """Partial-volume edge: 1 deep inside, 0 outside, linear over ``edge_mm`` around the boundary."""
+    return np.clip(distance_inside_mm / max(edge_mm, 1e-3) + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _paint(hu: np.ndarray, region: tuple[slice, ...], alpha: np.ndarray, value: np.ndarray | float,
+           allowed: np.ndarray) -> np.ndarray:
+    """Blend ``value`` into ``hu[region]`` with weight ``alpha`` where ``allowed``; returns the mask."""
+    weight = np.where(allowed, alpha, 0.0).astype(np.float32)
+    view = hu[region]
+    view += weight * (np.asarray(value, dtype=np.float32) - view)
+    return weight >= 0.5
+
+
+def _stamp_line(hu: np.ndarray, start: np.ndarray, direction: np.ndarray, length_mm: float, value: float,
+                spacing: np.ndarray, allowed: np.ndarray) -> None:
+    """Draw a 1-voxel line (spicule, air bronchogram) where ``allowed`` (full-volume mask)."""
+    n = max(2, int(length_mm / (0.5 * spacing.min())))
+    pts = start[None, :] + np.linspace(0.0, length_mm, n)[:, None] * (direction / np.linalg.norm(direction))[None, :] / spacing
+    idx = np.round(pts).astype(int)
+    ok = np.all((idx >= 0) & (idx < np.asarray(hu.shape)), axis=1)
+    idx = idx[ok]
+    if len(idx):
+        idx = idx[allowed[idx[:, 0], idx[:, 1], idx[:, 2]]]
+        hu[idx[:, 0], idx[:, 1], idx[:, 2]] = value
+
+
+def _sides_for(laterality: str) -> list[int]:
+    """Lung codes a finding with this laterality must touch."""
+    return [LEFT, RIGHT] if laterality == "bilateral" else [SIDE_CODES[laterality]]
+
+
+def _pick(coords: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random candidate voxel with sub-voxel jitter (float voxel coordinates)."""
+    return coords[int(rng.integers(len(coords)))].astype(np.float64) + rng.uniform(-0.5, 0.5, size=3)
+
+
+def _side_of(anatomy: Anatomy, i: float) -> str:
+    """The patient side of a voxel column (RAS: larger i is the patient's right)."""
+    return "right" if i >= anatomy.midline_i else "left"
+
+
+# ----------------------------------------------------------------------------- the inserters
+
+InsertFn = Callable[[Anatomy, _Sites, np.random.Generator, str, str], list[Lesion]]
+
+
+def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Round soft-tissue nodules (10-28 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
+    spacing = np.asarray(anatomy.spacing)
+    mass = rng.random() < 0.25
+    count = 1 if mass else int(rng.choice([1, 1, 1, 2, 2, 3]))
+    sides = _sides_for(laterality)
+    if laterality == "bilateral":
+        count = max(count, 2)
+        mass = False
+    spiculated = rng.random() < (0.5 if mass else 0.25)
+    value = rng.uniform(-10.0, 60.0)
+    lesions: list[Lesion] = []
+    for n in range(count):
+        code = sides[n % len(sides)]
+        coords = sites.lung_zone(code, zone)
+        if not len(coords):
+            continue
+        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(10.0, 28.0) if n == 0 else rng.uniform(10.0, 20.0))
+        radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
+        waves = rng.normal(0.0, 1.0, size=(2, 3)) * (2.5 / diameter)
+        phases = rng.uniform(0.0, 2.0 * np.pi, size=2)
+        best = None
+        for _ in range(25):
+            centre = _pick(coords, rng)
+            region, offsets = _box(centre, radii.max() * 1.3, spacing, anatomy.hu.shape)
+            dx, dy, dz = _grid(offsets)
+            rho = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2)
+            bumps = sum(0.08 * np.sin(w[0] * dx + w[1] * dy + w[2] * dz + p) for w, p in zip(waves, phases))
+            alpha = _soft((1.0 - rho + bumps) * radii.mean(), 0.7 * spacing.min())
+            body = alpha >= 0.5
+            if not body.any():
+                continue
+            inside = float((anatomy.lung[region] > 0)[body].mean())
+            if best is None or inside > best[0]:
+                best = (inside, centre, region, alpha)
+            if inside >= (0.6 if mass else 0.75):
+                break
+        if best is None or best[0] < 0.4:
+            continue
+        _, centre, region, alpha = best
+        allowed = anatomy.lung[region] > 0
+        texture = value + rng.normal(0.0, 8.0, size=alpha.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
+        if spiculated:
+            lung_full = anatomy.lung > 0
+            for _ in range(int(rng.integers(6, 13))):
+                direction = rng.normal(size=3)
+                direction /= np.linalg.norm(direction)
+                start = centre + direction * radii.mean() * 0.8 / spacing
+                _stamp_line(anatomy.hu, start, direction, radii.mean() * rng.uniform(0.5, 1.0), value - 120.0, spacing, lung_full)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        lesions.append(
+            Lesion(
+                lesion_id="",
+                finding="nodule",
+                side=_side_of(anatomy, centre[0]),
+                zone=sites.zone_of(code, centre[2]),
+                size_mm=float(2.0 * radii.mean()),
+                hu=float(value),
+                centre_vox=tuple(float(c) for c in centre),  # type: ignore[arg-type]
+                volume_ml=float(mask.sum()) * voxel_ml,
+                attrs={"mass": bool(mass or diameter >= 30.0), "spiculated": bool(spiculated)},
+                region=region,
+                mask=mask,
+            )
+        )
+    return lesions
+
+
+def _insert_consolidation(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Irregular dense airspace opacity (several cm, 0-45 HU), often with air bronchograms."""
+    spacing = np.asarray(anatomy.spacing)
+    value = rng.uniform(0.0, 45.0)
+    bronchograms = rng.random() < 0.6
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions: list[Lesion] = []
+    for code in _sides_for(laterality):
+        coords = sites.lung_zone(code, zone)
+        if not len(coords):
+            continue
+        radii = np.array([rng.uniform(22.0, 45.0), rng.uniform(22.0, 45.0), rng.uniform(25.0, 55.0)])
+        best = None
+        for _ in range(15):
+            centre = _pick(coords, rng)
+            region, offsets = _box(centre, radii, spacing, anatomy.hu.shape)
+            dx, dy, dz = _grid(offsets)
+            rho2 = (dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2
+            local_shape = tuple(s.stop - s.start for s in region)
+            noise = smooth_noise(local_shape, tuple(max(1.5, 12.0 / s) for s in spacing), rng)
+            score = (1.0 - rho2) + 0.3 * noise  # mostly confluent, with an irregular margin
+            alpha = np.clip((score - 0.2) / 0.15, 0.0, 1.0).astype(np.float32)
+            allowed = anatomy.lung[region] > 0
+            volume = float(((alpha >= 0.5) & allowed).sum()) * voxel_ml
+            if best is None or volume > best[0]:
+                best = (volume, centre, region, alpha, allowed)
+            if volume >= 15.0:
+                break
+        if best is None or best[0] < 6.0:
+            continue
+        volume, centre, region, alpha, allowed = best
+        texture = value + 12.0 * rng.standard_normal(alpha.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
+        if bronchograms:
+            inside = np.zeros(anatomy.hu.shape, dtype=bool)
+            inside[region] = mask
+            for _ in range(int(rng.integers(2, 5))):
+                direction = rng.normal(size=3)
+                direction[2] *= 0.5
+                start = centre - direction / np.linalg.norm(direction) * radii.min() * 0.5 / spacing
+                _stamp_line(anatomy.hu, start, direction, radii.max() * 1.2, rng.uniform(-920.0, -850.0), spacing, inside)
+        idx = np.argwhere(mask)
+        extent = float(((idx.max(axis=0) - idx.min(axis=0) + 1) * spacing).max()) if len(idx) else 0.0
+        lesions.append(
+            Lesion("", "consolidation", _side_of(anatomy, centre[0]), sites.zone_of(code, centre[2]), extent, float(value),
+                   tuple(float(c) for c in centre), volume, {"air_bronchograms": bool(bronchograms)}, region, mask)  # type: ignore[arg-type]
+        )
+    return lesions
+
+
+def _insert_effusion(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Dependent posterior crescent of fluid (0-20 HU) at the lung base, thickest at the bottom.
+
+    Fills each (i, k) column of the lung from its most posterior voxel forward by a thickness that
+    tapers from ``t_max`` at the base to zero ``height`` mm above it: the classic supine meniscus.
+    """
+    spacing = np.asarray(anatomy.spacing)
+    value = rng.uniform(0.0, 20.0)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions: list[Lesion] = []
+    for code in _sides_for(laterality):
+        lung = anatomy.lung == code
+        per_slice = lung.sum(axis=(0, 1))
+        slices = np.flatnonzero(per_slice >= 10)
+        if not len(slices):
+            continue
+        t_max = rng.uniform(15.0, 45.0)
+        height = rng.uniform(50.0, 110.0)
+        k0 = int(slices[0])
+        k1 = min(anatomy.hu.shape[2], k0 + int(np.ceil(height / spacing[2])) + 1)
+        sub = lung[:, :, k0:k1]
+        height_mm = (np.arange(k0, k1) - k0) * spacing[2]
+        thickness = t_max * np.clip(1.0 - height_mm / height, 0.0, 1.0) ** 0.6
+        first = np.argmax(sub, axis=1)  # most posterior lung voxel per (i, k)
+        depth = (np.arange(sub.shape[1])[None, :, None] - first[:, None, :]) * spacing[1]
+        mask = sub & (depth < thickness[None, None, :])
+        if float(mask.sum()) * voxel_ml < 8.0:
+            continue
+        region = (slice(0, anatomy.hu.shape[0]), slice(0, anatomy.hu.shape[1]), slice(k0, k1))
+        texture = value + 6.0 * rng.standard_normal(mask.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, np.ones(mask.shape, dtype=np.float32), texture, mask)
+        idx = np.argwhere(mask)
+        centre = idx.mean(axis=0) + np.array([0, 0, k0])
+        severity = "small" if t_max < 24.0 else ("moderate" if t_max < 36.0 else "large")
+        lesions.append(
+            Lesion("", "pleural effusion", SIDE_NAMES[code], "lower", float(t_max), float(value),
+                   tuple(float(c) for c in centre), float(mask.sum()) * voxel_ml,  # type: ignore[arg-type]
+                   {"severity": severity, "height_mm": round(float(height), 1)}, region, mask)
+        )
+    return lesions
+
+
+def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Plate-like band (10-18 mm thick, 5-10 cm wide, oblique) or a pleural-based wedge (4-6 cm)."""
+    spacing = np.asarray(anatomy.spacing)
+    value = rng.uniform(-60.0, 40.0)
+    kind = "band" if rng.random() < 0.6 else "wedge"
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions: list[Lesion] = []
+    for code in _sides_for(laterality):
+        coords = sites.lung_zone(code, zone)
+        if not len(coords):
+            continue
+        lung_coords = sites.lung(code)
+        centroid = lung_coords.mean(axis=0)
+        best = None
+        for _ in range(15):
+            centre = _pick(coords, rng)
+            if kind == "band":
+                thick, radius = rng.uniform(10.0, 18.0), rng.uniform(25.0, 50.0)
+                tilt, azimuth = np.deg2rad(rng.uniform(20.0, 60.0)), rng.uniform(0.0, 2.0 * np.pi)
+                normal = np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)])
+                region, offsets = _box(centre, radius + thick, spacing, anatomy.hu.shape)
+                dx, dy, dz = _grid(offsets)
+                along = dx * normal[0] + dy * normal[1] + dz * normal[2]
+                across = np.sqrt(np.maximum(dx**2 + dy**2 + dz**2 - along**2, 0.0))
+                alpha = _soft(thick / 2.0 - np.abs(along), 0.7 * spacing.min()) * _soft(radius - across, spacing.min())
+                size = 2.0 * radius
+            else:
+                outward = (centre - centroid) * spacing
+                outward[2] *= 0.3
+                outward /= max(np.linalg.norm(outward), 1e-6)
+                length, half_angle = rng.uniform(40.0, 60.0), np.deg2rad(rng.uniform(22.0, 35.0))
+                # the wedge's base sits where the ray from the lung centre leaves the lung
+                base = centre.copy()
+                for _step in range(200):
+                    nxt = base + outward * 0.5 / spacing * spacing.min()
+                    ii = np.round(nxt).astype(int)
+                    if np.any(ii < 0) or np.any(ii >= np.asarray(anatomy.hu.shape)) or anatomy.lung[tuple(ii)] != code:
+                        break
+                    base = nxt
+                region, offsets = _box(base - outward * length / 2.0 / spacing, length * 0.75, spacing, anatomy.hu.shape)
+                px = (np.arange(region[0].start, region[0].stop)[:, None, None] - base[0]) * spacing[0]
+                py = (np.arange(region[1].start, region[1].stop)[None, :, None] - base[1]) * spacing[1]
+                pz = (np.arange(region[2].start, region[2].stop)[None, None, :] - base[2]) * spacing[2]
+                s = -(px * outward[0] + py * outward[1] + pz * outward[2])  # depth from the pleura inwards
+                radial = np.sqrt(np.maximum(px**2 + py**2 + pz**2 - s**2, 0.0))
+                alpha = _soft(np.minimum(s + spacing.min(), length - s), spacing.min()) * _soft(
+                    (length - s) * np.tan(half_angle) - radial, 0.7 * spacing.min())
+                size = length
+                centre = base - outward * length / 3.0 / spacing
+            allowed = anatomy.lung[region] == code
+            volume = float(((alpha >= 0.5) & allowed).sum()) * voxel_ml
+            if best is None or volume > best[0]:
+                best = (volume, centre, region, alpha, allowed, size)
+            if volume >= 6.0:
+                break
+        if best is None or best[0] < 2.5:
+            continue
+        volume, centre, region, alpha, allowed, size = best
+        texture = value + 10.0 * rng.standard_normal(alpha.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
+        zone_here = sites.zone_of(code, float(np.clip(centre[2], 0, anatomy.hu.shape[2] - 1)))
+        lesions.append(
+            Lesion("", "atelectasis", SIDE_NAMES[code], zone_here, float(size), float(value),
+                   tuple(float(c) for c in centre), volume, {"kind": kind}, region, mask)  # type: ignore[arg-type]
+        )
+    return lesions
+
+
+def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Enlarged lymph nodes (14-30 mm, 25-50 HU) in mediastinal fat next to the lung (hilar/paratracheal).
+
+    Centres are drawn from mediastinum voxels within ~2 voxels of lung, so a node bulges into the lung
+    as well as replacing fat: visible against both, as enlarged hilar nodes are on real CT.
+    """
+    spacing = np.asarray(anatomy.spacing)
+    med = anatomy.mediastinum
+    if not med.any():
+        return []
+    lung_any = anatomy.lung > 0
+    bbox = ndimage.find_objects(med.astype(np.uint8))[0]
+    bbox = tuple(slice(max(0, s.start - 3), min(n, s.stop + 3)) for s, n in zip(bbox, med.shape))
+    near = ndimage.binary_dilation(lung_any[bbox], iterations=2) & med[bbox]
+    coords = np.argwhere(near) + np.array([s.start for s in bbox])
+    if not len(coords):
+        return []
+    lung_k = np.flatnonzero(lung_any.any(axis=(0, 1)))
+    mid_k = (lung_k[0] + lung_k[-1]) / 2.0 if len(lung_k) else anatomy.hu.shape[2] / 2.0
+    value = rng.uniform(25.0, 50.0)
+    count = int(rng.integers(1, 4))
+    sides = _sides_for(laterality)
+    if laterality == "bilateral":
+        count = max(count, 2)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions: list[Lesion] = []
+    for n in range(count):
+        side = SIDE_NAMES[sides[n % len(sides)]]
+        on_side = (coords[:, 0] >= anatomy.midline_i) if side == "right" else (coords[:, 0] < anatomy.midline_i)
+        in_zone = (coords[:, 2] >= mid_k) if zone == "upper" else (coords[:, 2] < mid_k)
+        cands = coords[on_side & in_zone]
+        if not len(cands):
+            cands = coords[on_side]
+        if not len(cands):
+            continue
+        diameter = rng.uniform(15.0, 32.0)
+        radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
+        best = None
+        for _ in range(20):
+            centre = _pick(cands, rng)
+            region, offsets = _box(centre, radii.max() * 1.3, spacing, anatomy.hu.shape)
+            dx, dy, dz = _grid(offsets)
+            rho = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2)
+            alpha = _soft((1.0 - rho) * radii.mean(), 0.7 * spacing.min())
+            body = alpha >= 0.5
+            if not body.any():
+                continue
+            allowed = med[region] | lung_any[region]
+            ok = float(allowed[body].mean())
+            in_lung = float(lung_any[region][body].mean())
+            score = ok - max(0.0, in_lung - 0.6)
+            if best is None or score > best[0]:
+                best = (score, centre, region, alpha, allowed)
+            if ok >= 0.7 and in_lung <= 0.6:
+                break
+        if best is None or best[0] < 0.4:
+            continue
+        _, centre, region, alpha, allowed = best
+        texture = value + 6.0 * rng.standard_normal(alpha.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
+        zone_here = "upper" if centre[2] >= mid_k else "lower"
+        station = ("right paratracheal" if side == "right" else "aortopulmonary window") if zone_here == "upper" \
+            else f"{side} hilar"
+        lesions.append(
+            Lesion("", "lymphadenopathy", _side_of(anatomy, centre[0]), zone_here, float(2.0 * radii.min()),
+                   float(value), tuple(float(c) for c in centre), float(mask.sum()) * voxel_ml,  # type: ignore[arg-type]
+                   {"station": station}, region, mask)
+        )
+    return lesions
+
+
+def _insert_emphysema(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
+    """Patchy confluent low attenuation (-995..-965 HU), graded towards one zone, sometimes with bullae.
+
+    Patches are thresholded smooth noise biased by height in the lung, so they cluster in the apices
+    (centrilobular, upper zone) or the bases (panlobular, lower zone) and fade out instead of stopping
+    at a hard zone boundary; they cover roughly 35-65% of the chosen zone.
+    """
+    spacing = np.asarray(anatomy.spacing)
+    value = rng.uniform(-995.0, -965.0)
+    fraction = rng.uniform(0.35, 0.65)
+    bullae = rng.random() < 0.35
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions: list[Lesion] = []
+    for code in _sides_for(laterality):
+        coords = sites.lung(code)
+        if len(coords) < 40:
+            continue
+        lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
+        region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        allowed = anatomy.lung[region] == code
+        height = (np.arange(lo[2], hi[2]) - lo[2]) / max(1.0, float(hi[2] - lo[2] - 1))
+        bias = (height - 0.5) if zone == "upper" else (0.5 - height)
+        score = smooth_noise(allowed.shape, tuple(max(1.5, 22.0 / s) for s in spacing), rng) + 3.0 * bias[None, None, :]
+        threshold = float(np.quantile(score[allowed], 1.0 - fraction / 2.0))
+        alpha = np.clip((score - threshold) / 0.35 + 0.5, 0.0, 1.0).astype(np.float32)
+        if bullae:
+            in_zone = sites.lung_zone(code, zone)
+            for _ in range(int(rng.integers(1, 3))):
+                c = in_zone[int(rng.integers(len(in_zone)))] - lo
+                r = rng.uniform(12.0, 25.0)
+                offs = [(np.arange(n, dtype=np.float32) - ci) * sp for n, ci, sp in zip(allowed.shape, c, spacing)]
+                dist = np.sqrt(offs[0][:, None, None] ** 2 + offs[1][None, :, None] ** 2 + offs[2][None, None, :] ** 2)
+                alpha = np.maximum(alpha, _soft(r - dist, spacing.min()))
+        texture = value + 6.0 * rng.standard_normal(alpha.shape).astype(np.float32)
+        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
+        volume = float(mask.sum()) * voxel_ml
+        if volume < 10.0:
+            continue
+        centre = np.argwhere(mask).mean(axis=0) + lo
+        severity = "mild" if fraction < 0.45 else ("moderate" if fraction < 0.57 else "severe")
+        lesions.append(
+            Lesion("", "emphysema", SIDE_NAMES[code], sites.zone_of(code, centre[2]), float(fraction * 100.0), float(value),
+                   tuple(float(c) for c in centre), volume,  # type: ignore[arg-type]
+                   {"severity": severity, "bullae": bool(bullae), "fraction": round(float(fraction), 3),
+                    "predominance": zone}, region, mask)
+        )
+    return lesions
+
+
+# Insertion order: parenchyma first, then focal opacities, fluid (dependent, on top), nodes last.
+_INSERTERS: dict[str, tuple[InsertFn, tuple[float, float, float], float]] = {
+    # finding: (function, P(left, right, bilateral), P(upper zone))
+    "emphysema": (_insert_emphysema, (0.2, 0.2, 0.6), 0.8),
+    "consolidation": (_insert_consolidation, (0.4, 0.4, 0.2), 0.4),
+    "atelectasis": (_insert_atelectasis, (0.35, 0.35, 0.3), 0.2),
+    "nodule": (_insert_nodules, (0.4, 0.4, 0.2), 0.5),
+    "pleural effusion": (_insert_effusion, (0.35, 0.35, 0.3), 0.0),
+    "lymphadenopathy": (_insert_nodes, (0.35, 0.35, 0.3), 0.5),
+}
+
+
+def summarise(lesions: list[Lesion]) -> list[FindingSummary]:
+    """One :class:`FindingSummary` per present finding, in :data:`FINDINGS` order."""
+    out: list[FindingSummary] = []
+    for finding in FINDINGS:
+        group = [x for x in lesions if x.finding == finding]
+        if not group:
+            continue
+        sides = {x.side for x in group}
+        largest = max(group, key=lambda x: x.size_mm)
+        attrs = dict(largest.attrs)
+        for key in ("mass", "spiculated", "air_bronchograms", "bullae"):
+            if any(x.attrs.get(key) for x in group):
+                attrs[key] = True
+        if finding == "pleural effusion" and len(group) > 1:
+            attrs["larger_side"] = largest.side
+        if finding == "lymphadenopathy":
+            attrs["stations"] = sorted({x.attrs["station"] for x in group})
+        out.append(
+            FindingSummary(
+                finding=finding,
+                laterality="bilateral" if len(sides) > 1 else next(iter(sides)),
+                zone=largest.zone,
+                size_mm=float(largest.size_mm),
+                count=len(group),
+                attrs=attrs,
+            )
+        )
+    return out
+
+
+def insert_findings(
+    anatomy: Anatomy, rng: np.random.Generator, id_prefix: str, probability: float = DEFAULT_PROBABILITY
+) -> tuple[list[Lesion], list[FindingSummary]]:
+    """Draw which findings are present (independently), insert them into ``anatomy.hu`` in place.
+
+    The presence/laterality/zone draws happen for all six findings first, in a fixed order, so the
+    label distribution does not depend on how many random numbers an inserter happened to use. A finding
+    whose inserter finds no room (e.g. no lung in a tiny crop) is simply absent from the labels.
+    """
+    plans: dict[str, tuple[bool, str, str]] = {}
+    for finding in FINDINGS:
+        _, lat_p, upper_p = _INSERTERS[finding]
+        present = rng.random() < probability
+        laterality = str(rng.choice(["left", "right", "bilateral"], p=lat_p))
+        zone = "upper" if rng.random() < upper_p else "lower"
+        plans[finding] = (present, laterality, zone)
+    sites = _Sites(anatomy)
+    lesions: list[Lesion] = []
+    for finding, (fn, _, _) in _INSERTERS.items():
+        present, laterality, zone = plans[finding]
+        if present:
+            lesions.extend(fn(anatomy, sites, rng, laterality, zone))
+    for n, lesion in enumerate(lesions):
+        lesion.lesion_id = f"{id_prefix}-L{n:02d}"
+    return lesions, summarise(lesions)
