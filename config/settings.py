@@ -128,6 +128,9 @@ class TextSamplerSettings(Section):
 
     enabled: bool = True
     window_words: int = Field(100, ge=1)
+    # Window starts on multiples of this many words; 1 = any word (the paper). Larger values let the
+    # frozen-feature cache serve most windows of long reports on CPU budgets.
+    start_stride: int = Field(1, ge=1)
     max_chunks: int = Field(8, ge=1)
 
 

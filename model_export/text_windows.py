@@ -35,12 +35,20 @@ def require_text(text: str) -> list[str]:
     return words
 
 
-def sample_window(text: str, window_words: int, rng: random.Random) -> str:
-    """S(T, L): a uniformly placed contiguous window of ``window_words`` words (the whole text if shorter)."""
+def sample_window(text: str, window_words: int, rng: random.Random, start_stride: int = 1) -> str:
+    """S(T, L): a uniformly placed contiguous window of ``window_words`` words (the whole text if shorter).
+
+    Starts are drawn from multiples of ``start_stride`` (plus the last possible start, so the end of
+    the report stays reachable); ``start_stride=1`` is the paper's sampler.
+    """
     words = require_text(text)
     if len(words) <= window_words:
         return " ".join(words)
-    start = rng.randrange(len(words) - window_words + 1)
+    last = len(words) - window_words
+    starts = list(range(0, last + 1, start_stride))
+    if starts[-1] != last:
+        starts.append(last)
+    start = rng.choice(starts)
     return " ".join(words[start : start + window_words])
 
 

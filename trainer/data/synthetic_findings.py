@@ -84,6 +84,7 @@ class _Sites:
     """Candidate voxel positions per lung side and zone, computed lazily once per volume."""
 
     def __init__(self, anatomy: Anatomy) -> None:
+        """Nothing is computed until an inserter asks (most volumes need only a few lookups)."""
         self.anatomy = anatomy
         self._coords: dict[int, np.ndarray] = {}
         self._mid: dict[int, float] = {}
@@ -175,23 +176,23 @@ InsertFn = Callable[[Anatomy, _Sites, np.random.Generator, str, str], list[Lesio
 
 
 def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Round soft-tissue nodules (10-28 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
+    """Round soft-tissue nodules (12-30 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
     spacing = np.asarray(anatomy.spacing)
-    mass = rng.random() < 0.25
+    mass = rng.random() < 0.3
     count = 1 if mass else int(rng.choice([1, 1, 1, 2, 2, 3]))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
         count = max(count, 2)
         mass = False
     spiculated = rng.random() < (0.5 if mass else 0.25)
-    value = rng.uniform(-10.0, 60.0)
+    value = rng.uniform(0.0, 60.0)
     lesions: list[Lesion] = []
     for n in range(count):
         code = sides[n % len(sides)]
         coords = sites.lung_zone(code, zone)
         if not len(coords):
             continue
-        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(10.0, 28.0) if n == 0 else rng.uniform(10.0, 20.0))
+        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(12.0, 30.0) if n == 0 else rng.uniform(10.0, 22.0))
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         waves = rng.normal(0.0, 1.0, size=(2, 3)) * (2.5 / diameter)
         phases = rng.uniform(0.0, 2.0 * np.pi, size=2)
@@ -244,9 +245,9 @@ def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, l
 
 
 def _insert_consolidation(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Irregular dense airspace opacity (several cm, 0-45 HU), often with air bronchograms."""
+    """Irregular dense airspace opacity (5-10 cm, 10-50 HU), often with air bronchograms."""
     spacing = np.asarray(anatomy.spacing)
-    value = rng.uniform(0.0, 45.0)
+    value = rng.uniform(10.0, 50.0)
     bronchograms = rng.random() < 0.6
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions: list[Lesion] = []
@@ -254,7 +255,7 @@ def _insert_consolidation(anatomy: Anatomy, sites: _Sites, rng: np.random.Genera
         coords = sites.lung_zone(code, zone)
         if not len(coords):
             continue
-        radii = np.array([rng.uniform(22.0, 45.0), rng.uniform(22.0, 45.0), rng.uniform(25.0, 55.0)])
+        radii = np.array([rng.uniform(25.0, 50.0), rng.uniform(25.0, 50.0), rng.uniform(30.0, 60.0)])
         best = None
         for _ in range(15):
             centre = _pick(coords, rng)
@@ -336,9 +337,9 @@ def _insert_effusion(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, 
 
 
 def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Plate-like band (10-18 mm thick, 5-10 cm wide, oblique) or a pleural-based wedge (4-6 cm)."""
+    """Plate-like band (12-20 mm thick, 6-11 cm wide, oblique) or a pleural-based wedge (45-70 mm)."""
     spacing = np.asarray(anatomy.spacing)
-    value = rng.uniform(-60.0, 40.0)
+    value = rng.uniform(-30.0, 40.0)
     kind = "band" if rng.random() < 0.6 else "wedge"
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions: list[Lesion] = []
@@ -352,7 +353,7 @@ def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generato
         for _ in range(15):
             centre = _pick(coords, rng)
             if kind == "band":
-                thick, radius = rng.uniform(10.0, 18.0), rng.uniform(25.0, 50.0)
+                thick, radius = rng.uniform(12.0, 20.0), rng.uniform(30.0, 55.0)
                 tilt, azimuth = np.deg2rad(rng.uniform(20.0, 60.0)), rng.uniform(0.0, 2.0 * np.pi)
                 normal = np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)])
                 region, offsets = _box(centre, radius + thick, spacing, anatomy.hu.shape)
@@ -365,7 +366,7 @@ def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generato
                 outward = (centre - centroid) * spacing
                 outward[2] *= 0.3
                 outward /= max(np.linalg.norm(outward), 1e-6)
-                length, half_angle = rng.uniform(40.0, 60.0), np.deg2rad(rng.uniform(22.0, 35.0))
+                length, half_angle = rng.uniform(45.0, 70.0), np.deg2rad(rng.uniform(22.0, 35.0))
                 # the wedge's base sits where the ray from the lung centre leaves the lung
                 base = centre.copy()
                 for _step in range(200):
@@ -404,7 +405,7 @@ def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generato
 
 
 def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Enlarged lymph nodes (14-30 mm, 25-50 HU) in mediastinal fat next to the lung (hilar/paratracheal).
+    """Enlarged lymph nodes (16-34 mm, 30-55 HU) in mediastinal fat next to the lung (hilar/paratracheal).
 
     Centres are drawn from mediastinum voxels within ~2 voxels of lung, so a node bulges into the lung
     as well as replacing fat: visible against both, as enlarged hilar nodes are on real CT.
@@ -422,7 +423,7 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
         return []
     lung_k = np.flatnonzero(lung_any.any(axis=(0, 1)))
     mid_k = (lung_k[0] + lung_k[-1]) / 2.0 if len(lung_k) else anatomy.hu.shape[2] / 2.0
-    value = rng.uniform(25.0, 50.0)
+    value = rng.uniform(30.0, 55.0)
     count = int(rng.integers(1, 4))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
@@ -438,7 +439,7 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
             cands = coords[on_side]
         if not len(cands):
             continue
-        diameter = rng.uniform(15.0, 32.0)
+        diameter = rng.uniform(16.0, 34.0)
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         best = None
         for _ in range(20):

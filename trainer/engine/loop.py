@@ -75,7 +75,7 @@ def training_text(report: str, settings: Settings, rng: random.Random) -> str:
     """S(T, L) when the sampler is on; otherwise the whole report (the tokenizer truncates it)."""
     sampler = settings.model.sampler
     if sampler.enabled:
-        return sample_window(report, sampler.window_words, rng)
+        return sample_window(report, sampler.window_words, rng, sampler.start_stride)
     return " ".join(report.split())
 
 
