@@ -245,7 +245,8 @@ def generate_synthetic_benchmark(
     mistaken for a complete one.
     """
     out_dir = Path(out_dir)
-    real_names = discover_real_series(ct_root)
+    # with no real backgrounds wanted, neither load the series nor let their presence change the cache key
+    real_names = discover_real_series(ct_root) if settings.real_background_fraction > 0 else []
     key = _cache_key(settings, real_names)
     cached = _cached_manifest(out_dir, key)
     if cached is not None:
@@ -257,7 +258,9 @@ def generate_synthetic_benchmark(
     volumes_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BENCHMARK_FILE).unlink(missing_ok=True)
     bank = load_real_bank(ct_root) if real_names else []
-    if ct_root is not None and not real_names:
+    if settings.real_background_fraction <= 0:
+        log.info("synthetic benchmark: real_background_fraction is 0; procedural backgrounds only")
+    elif ct_root is not None and not real_names:
         log.warning("synthetic benchmark: no usable real series under %s; procedural backgrounds only", ct_root)
     elif ct_root is None:
         log.warning("synthetic benchmark: no real CT folder given; procedural backgrounds only")

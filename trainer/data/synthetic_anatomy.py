@@ -96,11 +96,19 @@ def _tube(
     mask = np.zeros((x.size, y.size, z.size), dtype=bool)
     z_lo, z_hi = min(start[2], end[2]) - radius, max(start[2], end[2]) + radius
     length_z = end[2] - start[2]
+    dx_mm, dy_mm = float(x[1] - x[0]) if x.size > 1 else 1.0, float(y[1] - y[0]) if y.size > 1 else 1.0
     for k in np.flatnonzero((z >= z_lo) & (z <= z_hi)):
         t = 0.5 if abs(length_z) < 1e-6 else float(np.clip((z[k] - start[2]) / length_z, 0.0, 1.0))
         centre = start + t * (end - start)
-        disc = ((x[:, None] - centre[0]) ** 2 + (y[None, :] - centre[1]) ** 2) < radius**2
-        mask[:, :, k] |= disc
+        # only the few columns/rows the disc can touch
+        i0 = max(0, int((centre[0] - radius - x[0]) / dx_mm))
+        i1 = min(x.size, int((centre[0] + radius - x[0]) / dx_mm) + 2)
+        j0 = max(0, int((centre[1] - radius - y[0]) / dy_mm))
+        j1 = min(y.size, int((centre[1] + radius - y[0]) / dy_mm) + 2)
+        if i0 >= i1 or j0 >= j1:
+            continue
+        disc = ((x[i0:i1, None] - centre[0]) ** 2 + (y[None, j0:j1] - centre[1]) ** 2) < radius**2
+        mask[i0:i1, j0:j1, k] |= disc
     return mask
 
 

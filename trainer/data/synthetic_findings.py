@@ -176,23 +176,23 @@ InsertFn = Callable[[Anatomy, _Sites, np.random.Generator, str, str], list[Lesio
 
 
 def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Round soft-tissue nodules (12-30 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
+    """Round soft-tissue nodules (12-32 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
     spacing = np.asarray(anatomy.spacing)
     mass = rng.random() < 0.3
-    count = 1 if mass else int(rng.choice([1, 1, 1, 2, 2, 3]))
+    count = 1 if mass else int(rng.choice([1, 1, 1, 1, 1, 2, 2, 2, 3, 3]))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
         count = max(count, 2)
         mass = False
     spiculated = rng.random() < (0.5 if mass else 0.25)
-    value = rng.uniform(0.0, 60.0)
+    value = rng.uniform(10.0, 60.0)
     lesions: list[Lesion] = []
     for n in range(count):
         code = sides[n % len(sides)]
         coords = sites.lung_zone(code, zone)
         if not len(coords):
             continue
-        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(12.0, 30.0) if n == 0 else rng.uniform(10.0, 22.0))
+        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(14.0, 32.0) if n == 0 else rng.uniform(12.0, 24.0))
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         waves = rng.normal(0.0, 1.0, size=(2, 3)) * (2.5 / diameter)
         phases = rng.uniform(0.0, 2.0 * np.pi, size=2)
@@ -310,7 +310,7 @@ def _insert_effusion(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, 
         slices = np.flatnonzero(per_slice >= 10)
         if not len(slices):
             continue
-        t_max = rng.uniform(15.0, 45.0)
+        t_max = rng.uniform(12.0, 40.0)
         height = rng.uniform(50.0, 110.0)
         k0 = int(slices[0])
         k1 = min(anatomy.hu.shape[2], k0 + int(np.ceil(height / spacing[2])) + 1)
@@ -327,7 +327,7 @@ def _insert_effusion(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, 
         mask = _paint(anatomy.hu, region, np.ones(mask.shape, dtype=np.float32), texture, mask)
         idx = np.argwhere(mask)
         centre = idx.mean(axis=0) + np.array([0, 0, k0])
-        severity = "small" if t_max < 24.0 else ("moderate" if t_max < 36.0 else "large")
+        severity = "small" if t_max < 20.0 else ("moderate" if t_max < 30.0 else "large")
         lesions.append(
             Lesion("", "pleural effusion", SIDE_NAMES[code], "lower", float(t_max), float(value),
                    tuple(float(c) for c in centre), float(mask.sum()) * voxel_ml,  # type: ignore[arg-type]
@@ -480,11 +480,11 @@ def _insert_emphysema(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator,
 
     Patches are thresholded smooth noise biased by height in the lung, so they cluster in the apices
     (centrilobular, upper zone) or the bases (panlobular, lower zone) and fade out instead of stopping
-    at a hard zone boundary; they cover roughly 35-65% of the chosen zone.
+    at a hard zone boundary; they cover roughly 30-60% of the chosen zone.
     """
     spacing = np.asarray(anatomy.spacing)
     value = rng.uniform(-995.0, -965.0)
-    fraction = rng.uniform(0.35, 0.65)
+    fraction = rng.uniform(0.3, 0.6)
     bullae = rng.random() < 0.35
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions: list[Lesion] = []
@@ -514,7 +514,7 @@ def _insert_emphysema(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator,
         if volume < 10.0:
             continue
         centre = np.argwhere(mask).mean(axis=0) + lo
-        severity = "mild" if fraction < 0.45 else ("moderate" if fraction < 0.57 else "severe")
+        severity = "mild" if fraction < 0.4 else ("moderate" if fraction < 0.5 else "severe")
         lesions.append(
             Lesion("", "emphysema", SIDE_NAMES[code], sites.zone_of(code, centre[2]), float(fraction * 100.0), float(value),
                    tuple(float(c) for c in centre), volume,  # type: ignore[arg-type]

@@ -6,9 +6,11 @@ patients are far too few, so each volume gets its own *instance*: a random crop/
 small in-plane rotation and intensity jitter, resampled onto the output grid.
 
 Both patients have a large adenocarcinoma. Left in, it would be an unlabelled mass in every real
-background; the collection's bounding boxes are therefore used to paint the tumour over with lung-like
-parenchyma (only inside the lung's convex hull, soft-tissue HU, inside the box) before any instance is
-made. The series are loaded once per run (:func:`load_real_bank`) and kept at ~half resolution in memory.
+background; the collection's bounding boxes are therefore used to paint the tumour over with the mirrored
+contralateral lung (see :func:`_lung_like_fill`) before any instance is made. This is approximate: a
+small remnant next to the aorta (A0001) and a mediastinal contour notch stay, and other real pathology
+(e.g. a hazy left lower lobe opacity in A0002) is untouched. The series are loaded once per run
+(:func:`load_real_bank`) and kept at ~half in-plane resolution in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage, spatial
+from scipy import ndimage
 
 from .synthetic_anatomy import LEFT, RIGHT, Anatomy, smooth_noise
 
@@ -183,7 +185,7 @@ def _tissue_codes(hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return codes, centre  # type: ignore[return-value]
 
 
-def load_real_series(folder: Path, ct_root: Path, boxes: list[np.ndarray] | None = None) -> RealSeries:
+def load_real_series(folder: Path, boxes: list[np.ndarray] | None = None) -> RealSeries:
     """Load one series with the project's DICOM loader, remove the tumour, downsample, compute codes."""
     from model_export.preprocessing import load_dicom_series, reorient_to_ras
 
@@ -196,8 +198,9 @@ def load_real_series(folder: Path, ct_root: Path, boxes: list[np.ndarray] | None
     step[:2, 3] = (factor - 1) / 2.0  # new voxel t is centred on old voxel t*factor + (factor-1)/2
     affine = volume.affine @ step
     spacing = (spacing_full[0] * factor, spacing_full[1] * factor, spacing_full[2])
-    _, centre = _tissue_codes(small)
-    painted = _lung_like_fill(small, affine, boxes or [], float(centre[0]), np.random.default_rng(20240611))
+    columns = np.flatnonzero((small > -500).any(axis=(1, 2)))  # left-right extent of body (and table)
+    mid_i = float(columns.mean()) if len(columns) else small.shape[0] / 2.0
+    painted = _lung_like_fill(small, affine, boxes or [], mid_i, np.random.default_rng(20240611))
     codes, centre = _tissue_codes(small)
     log.info("real background %s: %d tumour voxels painted over, kept %s at %s mm", folder.name, painted, small.shape,
              tuple(round(s, 2) for s in spacing))
@@ -231,7 +234,7 @@ def load_real_bank(ct_root: Path | None) -> list[RealSeries]:
         boxes = _tumour_boxes_ras(ct_root, patient, patient_folders)
         for folder in patient_folders:
             try:
-                bank.append(load_real_series(folder, ct_root, boxes))
+                bank.append(load_real_series(folder, boxes))
             except Exception as exc:  # one unreadable series must not sink the benchmark
                 log.warning("synthetic benchmark: skipping real series %s: %s", folder, exc)
     return bank

@@ -20,6 +20,10 @@ import numpy as np
 from .synthetic_findings import FINDINGS, FindingSummary
 
 
+NEGATIVE_PROBABILITY = 0.7  # chance that an absent finding is offered as a negative sentence
+NEGATIVE_PAIR_PROBABILITY = 0.3  # chance to use a combined negative ("No consolidation or pleural effusion.")
+
+
 @dataclass(frozen=True)
 class Sentence:
     """One sentence of a report and what it asserts."""
@@ -87,6 +91,13 @@ def _the(where: str) -> str:
     return where if where.startswith(("both", "the ")) else f"the {where}"
 
 
+def _modifier(s: FindingSummary, rng: np.random.Generator) -> str:
+    """Location used as a modifier before a noun: 'right lower lobe', 'bilateral upper lobe'."""
+    if s.laterality == "bilateral":
+        return _choice(rng, [f"bilateral {s.zone} lobe", "bibasilar" if s.zone == "lower" else "biapical"])
+    return _choice(rng, [f"{s.laterality} {s.zone} lobe", f"{s.laterality} {'basilar' if s.zone == 'lower' else 'apical'}"])
+
+
 def _count_word(n: int) -> str:
     """Small counts in words."""
     return {1: "one", 2: "two", 3: "three", 4: "four"}.get(n, str(n))
@@ -150,7 +161,7 @@ def _consolidation(s: FindingSummary, rng: np.random.Generator) -> tuple[str, st
     imp = _choice(rng, [
         f"Consolidation in {where}, likely pneumonia in the appropriate clinical setting.",
         f"Airspace disease in {where}.",
-        f"{_cap(where)} consolidation.",
+        f"{_cap(_modifier(s, rng))} consolidation.",
         "Pneumonic consolidation; recommend clinical correlation and follow-up.",
     ])
     return body, imp
@@ -198,7 +209,7 @@ def _atelectasis(s: FindingSummary, rng: np.random.Generator) -> tuple[str, str]
             f"{kind} opacity in {where}, compatible with atelectasis.",
             f"There is {kind.lower()} atelectasis along the fissure in {where}.",
         ])
-    imp = _choice(rng, [f"Atelectasis in {where}.", f"{_cap(where)} atelectasis.",
+    imp = _choice(rng, [f"Atelectasis in {where}.", f"{_cap(_modifier(s, rng))} atelectasis.",
                         "Subsegmental atelectasis, no lobar collapse.", f"Minor atelectatic change, {where}."])
     return body, imp
 
@@ -329,11 +340,11 @@ def compose_report(summaries: list[FindingSummary], rng: np.random.Generator) ->
     absent = [f for f in FINDINGS if f not in present]
     used_pairs: set[str] = set()
     for pair, texts in _NEGATIVE_PAIRS.items():
-        if all(f in absent for f in pair) and rng.random() < 0.3 and not used_pairs & set(pair):
+        if all(f in absent for f in pair) and rng.random() < NEGATIVE_PAIR_PROBABILITY and not used_pairs & set(pair):
             used_pairs.update(pair)
             optional.append((pair[0], Sentence("findings", "negative", pair, _choice(rng, texts))))
     for finding in absent:
-        if finding not in used_pairs and rng.random() < 0.7:
+        if finding not in used_pairs and rng.random() < NEGATIVE_PROBABILITY:
             optional.append((finding, Sentence("findings", "negative", (finding,), _choice(rng, _NEGATIVE[finding]))))
     for topic, texts in _FILLER.items():
         if topic == "pneumothorax" and any(s.text.startswith("No pleural effusion or pneumothorax") for _, s in optional):
