@@ -176,10 +176,10 @@ InsertFn = Callable[[Anatomy, _Sites, np.random.Generator, str, str], list[Lesio
 
 
 def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Round soft-tissue nodules (12-32 mm) or one mass (30-55 mm), sometimes spiculated, in the lung."""
+    """Round soft-tissue nodules (16-36 mm) or one mass (35-60 mm), sometimes spiculated, in the lung."""
     spacing = np.asarray(anatomy.spacing)
     mass = rng.random() < 0.3
-    count = 1 if mass else int(rng.choice([1, 1, 1, 1, 1, 2, 2, 2, 3, 3]))
+    count = 1 if mass else int(rng.choice([1, 2, 2, 3, 3, 4]))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
         count = max(count, 2)
@@ -192,7 +192,7 @@ def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, l
         coords = sites.lung_zone(code, zone)
         if not len(coords):
             continue
-        diameter = rng.uniform(30.0, 55.0) if mass else (rng.uniform(14.0, 32.0) if n == 0 else rng.uniform(12.0, 24.0))
+        diameter = rng.uniform(35.0, 60.0) if mass else (rng.uniform(20.0, 36.0) if n == 0 else rng.uniform(16.0, 28.0))
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         waves = rng.normal(0.0, 1.0, size=(2, 3)) * (2.5 / diameter)
         phases = rng.uniform(0.0, 2.0 * np.pi, size=2)
@@ -423,8 +423,8 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
         return []
     lung_k = np.flatnonzero(lung_any.any(axis=(0, 1)))
     mid_k = (lung_k[0] + lung_k[-1]) / 2.0 if len(lung_k) else anatomy.hu.shape[2] / 2.0
-    value = rng.uniform(30.0, 55.0)
-    count = int(rng.integers(1, 4))
+    value = rng.uniform(40.0, 70.0)
+    count = int(rng.integers(2, 5))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
         count = max(count, 2)
@@ -439,7 +439,7 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
             cands = coords[on_side]
         if not len(cands):
             continue
-        diameter = rng.uniform(16.0, 34.0)
+        diameter = rng.uniform(22.0, 40.0)
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         best = None
         for _ in range(20):
