@@ -151,3 +151,13 @@ def test_ddp_with_torchrun_on_two_cpu_processes(tmp_path: Path) -> None:
     state = load_checkpoint(out / "last.pt")
     assert state["global_step"] >= 1
     assert len(read_manifest(Path(state["data"]["manifest"]))) > 0
+
+
+def test_gradient_accumulation_takes_fewer_optimiser_steps(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    work, out = tiny_run
+    accumulated = train(tiny_settings(work, train={"epochs": 1, "batch_size": 4, "grad_accum_steps": 2}), tmp_path / "acc")
+    plain = train(tiny_settings(work, train={"epochs": 1, "batch_size": 4}), tmp_path / "plain")
+    steps_accumulated = load_checkpoint(tmp_path / "acc" / "last.pt")["global_step"]
+    steps_plain = load_checkpoint(tmp_path / "plain" / "last.pt")["global_step"]
+    assert steps_plain == 2 * steps_accumulated
+    assert accumulated.epochs_run == plain.epochs_run == 1

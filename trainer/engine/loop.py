@@ -96,133 +96,166 @@ def train(settings: Settings, out_dir: Path, resume: bool = True) -> TrainResult
         shutdown_distributed()
 
 
+class TrainingRun:
+    """The state of one training run and its three moves: resume, run an epoch, validate + checkpoint."""
+
+    def __init__(self, settings: Settings, out_dir: Path, context: DistributedContext) -> None:
+        self.settings, self.out_dir, self.context = settings, out_dir, context
+        self.progress = settings.train.progress and context.is_main
+        self.policy = RowPolicy(settings.data.on_bad_row)
+        self.splits = load_splits(settings, self.policy, progress=self.progress, context=context)
+        if len(self.splits.train) < 2:
+            raise ValueError(f"need at least 2 training volumes, got {len(self.splits.train)} ({self.policy.summary()})")
+        self.device = context.device
+        self.model = build_model(settings).to(self.device)
+        self.text_cache = TextFeatureCache(self.model.text_encoder)
+        train = settings.train
+        self.per_rank_batch = max(2, train.batch_size // context.world_size)
+        samples_per_step = self.per_rank_batch * context.world_size * train.grad_accum_steps
+        self.steps_per_epoch = max(1, len(self.splits.train) // samples_per_step)
+        self.optimizer = build_optimizer(settings.optim, self.model.parameters())
+        self.scheduler = build_scheduler(self.optimizer, settings.optim, self.steps_per_epoch, train.epochs)
+        self.use_amp = train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.wrapped: torch.nn.Module = self.model
+        if context.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.augmenter = ViewAugmenter(settings.augment, seed=train.seed * 1000 + context.rank)
+        self.text_rng = random.Random(train.seed * 7919 + context.rank)
+        self.start_epoch, self.global_step = 0, 0
+        self.best_value, self.best_epoch = -float("inf"), -1
+        self.samples_seen = 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def resume(self) -> None:
+        """Continue from ``last.pt``: weights, optimiser, schedule, scaler, step and every RNG."""
+        state = load_checkpoint(self.last_path)
+        self.model.load_trainable_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.augmenter.rng.bit_generator.state = state["rng"]["augment"]
+        self.text_rng.setstate(state["rng"]["text_sampler"])
+        self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
+        self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
+        logger.info("resumed from %s at epoch %d", self.last_path, self.start_epoch + 1)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this rank's shard of a seeded permutation; returns the mean losses."""
+        settings, context = self.settings, self.context
+        accumulate = settings.train.grad_accum_steps
+        train_set = self.splits.train
+        self.model.train()
+        order = np.random.default_rng([settings.train.seed, epoch]).permutation(len(train_set))
+        usable = self.steps_per_epoch * accumulate * self.per_rank_batch * context.world_size
+        shard = order[:usable][context.rank :: context.world_size]
+        totals: dict[str, float] = {}
+        description = f"epoch {epoch + 1}/{settings.train.epochs}"
+        bar = tqdm(total=self.steps_per_epoch, desc=description, disable=not self.progress, leave=False)
+        for micro, start in enumerate(range(0, len(shard), self.per_rank_batch)):
+            indices = np.sort(shard[start : start + self.per_rank_batch])
+            volumes = torch.as_tensor(train_set.arrays[indices]).float()
+            texts = [training_text(train_set.rows[i].report, settings, self.text_rng) for i in indices]
+            features = self.text_cache.features(texts).to(self.device)
+            view_1 = self.augmenter(volumes).to(self.device)
+            view_2 = self.augmenter(volumes).to(self.device) if settings.augment.two_views else None
+            stepping = (micro + 1) % accumulate == 0
+            sync = nullcontext() if not context.enabled or stepping else self.wrapped.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                losses = self.wrapped(view_1, view_2, features)
+                self.scaler.scale(losses["total"] / accumulate).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach())
+            self.samples_seen += len(indices) * context.world_size
+            if stepping:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
+        bar.close()
+        micro_steps = max(1, self.steps_per_epoch * accumulate)
+        return {name: total / micro_steps for name, total in totals.items()}
+
+    def validate_and_checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
+        """Validation recall, ``last.pt`` (and ``best.pt`` on improvement), one ``metrics.jsonl`` line."""
+        val_set = self.splits.val
+        metrics = validate(self.model, self.text_cache, val_set.arrays, val_set.reports, self.settings, self.device) \
+            if len(val_set) else {}
+        value = metrics["t2i"]["R@10"] if metrics else -float(record["loss"]["total"])
+        record["val"] = {"t2i": _brief(metrics.get("t2i")), "i2t": _brief(metrics.get("i2t"))} if metrics else {}
+        improved = value > self.best_value
+        if improved:
+            self.best_value, self.best_epoch = value, epoch + 1
+        best = {"metric": BEST_METRIC, "value": self.best_value, "epoch": self.best_epoch}
+        rng = capture_rng_state()
+        rng.update(augment=self.augmenter.rng.bit_generator.state, text_sampler=self.text_rng.getstate())
+        encoder = self.model.text_encoder
+        payload = {
+            "model": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "settings": dump_settings(self.settings),
+            "rng": rng,
+            "best": best,
+            "metrics": {"val": metrics},
+            "text_encoder": {"kind": self.settings.model.text.kind, "name": encoder.name, "feature_dim": encoder.feature_dim},
+            "data": self.splits.describe(),
+            "skipped_rows": self.policy.summary(),
+        }
+        save_checkpoint(self.last_path, payload)
+        if improved:
+            save_checkpoint(self.out_dir / "best.pt", payload)
+        record["best"] = best
+        with (self.out_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        logger.info("epoch %d: %s", epoch + 1, json.dumps(record))
+        if self.progress:
+            tqdm.write(_summary_line(record))
+
+
 def _train(settings: Settings, out_dir: Path, resume: bool, context: DistributedContext) -> TrainResult:
     if settings.train.num_threads:
         torch.set_num_threads(settings.train.num_threads)
     seed_everything(settings.train.seed + context.rank)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = settings.train.progress and context.is_main
-    policy = RowPolicy(settings.data.on_bad_row)
-    splits = load_splits(settings, policy, progress=progress, context=context)
-    train_set, val_set = splits.train, splits.val
-    if len(train_set) < 2:
-        raise ValueError(f"need at least 2 training volumes, got {len(train_set)} ({policy.summary()})")
-    device = context.device
-    model = build_model(settings).to(device)
-    text_cache = TextFeatureCache(model.text_encoder)
-    per_rank_batch = max(2, settings.train.batch_size // context.world_size)
-    steps_per_epoch = max(1, len(train_set) // (per_rank_batch * context.world_size) // settings.train.grad_accum_steps)
-    optimizer = build_optimizer(settings.optim, model.parameters())
-    scheduler = build_scheduler(optimizer, settings.optim, steps_per_epoch, settings.train.epochs)
-    use_amp = settings.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    wrapped: torch.nn.Module = model
-    if context.enabled:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    start_epoch, global_step, best_value, best_epoch = 0, 0, -1.0, -1
-    last_path = out_dir / "last.pt"
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        model.load_trainable_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        best_value, best_epoch = state["best"]["value"], state["best"]["epoch"]
-        logger.info("resumed from %s at epoch %d", last_path, start_epoch)
-
-    augmenter = ViewAugmenter(settings.augment, seed=settings.train.seed * 1000 + context.rank)
-    text_rng = random.Random(settings.train.seed * 7919 + context.rank)
-    metrics_log = out_dir / "metrics.jsonl"
+    run = TrainingRun(settings, out_dir, context)
+    if resume and run.last_path.exists():
+        run.resume()
     started = time.time()
-    samples_seen = 0
     epochs_run = 0
-    description = {"data": splits.describe(), "skipped_rows": policy.summary()}
-
-    for epoch in range(start_epoch, settings.train.epochs):
+    for epoch in range(run.start_epoch, settings.train.epochs):
         epoch_started = time.time()
-        model.train()
-        order = np.random.default_rng([settings.train.seed, epoch]).permutation(len(train_set))
-        usable = steps_per_epoch * settings.train.grad_accum_steps * per_rank_batch * context.world_size
-        shard = order[:usable][context.rank :: context.world_size]
-        totals: dict[str, float] = {}
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.train.epochs}", disable=not progress, leave=False)
-        for micro, start in enumerate(range(0, len(shard), per_rank_batch)):
-            indices = np.sort(shard[start : start + per_rank_batch])
-            volumes = torch.as_tensor(train_set.arrays[indices]).float()
-            texts = [training_text(train_set.rows[i].report, settings, text_rng) for i in indices]
-            features = text_cache.features(texts).to(device)
-            view_1 = augmenter(volumes).to(device)
-            view_2 = augmenter(volumes).to(device) if settings.augment.two_views else None
-            sync = nullcontext() if not context.enabled or (micro + 1) % settings.train.grad_accum_steps == 0 else wrapped.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = wrapped(view_1, view_2, features)
-                scaler.scale(losses["total"] / settings.train.grad_accum_steps).backward()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
-            samples_seen += len(indices) * context.world_size
-            if (micro + 1) % settings.train.grad_accum_steps == 0:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
-        bar.close()
+        losses = run.run_epoch(epoch)
         epochs_run += 1
-        micro_steps = max(1, steps_per_epoch * settings.train.grad_accum_steps)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "step": global_step,
-            "lr": scheduler.get_last_lr()[0],
-            "loss": {k: v / micro_steps for k, v in totals.items()},
+            "step": run.global_step,
+            "lr": run.scheduler.get_last_lr()[0],
+            "loss": losses,
             "epoch_seconds": round(time.time() - epoch_started, 2),
         }
-        out_of_time = settings.train.max_minutes is not None and (time.time() - started) / 60 > settings.train.max_minutes
+        limit = settings.train.max_minutes
+        out_of_time = limit is not None and (time.time() - started) / 60 > limit
         last_epoch = epoch + 1 == settings.train.epochs or out_of_time
         if context.is_main and ((epoch + 1) % settings.train.val_every_epochs == 0 or last_epoch):
-            metrics = validate(model, text_cache, val_set.arrays, val_set.reports, settings, device) if len(val_set) else {}
-            value = metrics["t2i"]["R@10"] if metrics else -float(record["loss"]["total"])
-            record["val"] = {"t2i": _brief(metrics.get("t2i")), "i2t": _brief(metrics.get("i2t"))} if metrics else {}
-            improved = value > best_value
-            if improved:
-                best_value, best_epoch = value, epoch + 1
-            payload = {
-                "model": model.trainable_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "global_step": global_step,
-                "settings": dump_settings(settings),
-                "rng": capture_rng_state(),
-                "best": {"metric": BEST_METRIC, "value": best_value, "epoch": best_epoch},
-                "metrics": {"val": metrics},
-                "text_encoder": {"kind": settings.model.text.kind, "name": model.text_encoder.name,
-                                 "feature_dim": model.text_encoder.feature_dim},
-                **description,
-            }
-            save_checkpoint(last_path, payload)
-            if improved:
-                save_checkpoint(out_dir / "best.pt", payload)
-            record["best"] = {"metric": BEST_METRIC, "value": best_value, "epoch": best_epoch}
-            with metrics_log.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            logger.info("epoch %d: %s", epoch + 1, json.dumps(record))
-            if progress:
-                tqdm.write(_summary_line(record))
+            run.validate_and_checkpoint(epoch, record)
         context.barrier()
         if out_of_time:
-            logger.warning("train.max_minutes=%s reached after epoch %d: stopping", settings.train.max_minutes, epoch + 1)
+            logger.warning("train.max_minutes=%s reached after epoch %d: stopping", limit, epoch + 1)
             break
-
     seconds = time.time() - started
-    return TrainResult(out_dir, best_value, best_epoch, epochs_run, seconds, samples_seen / max(seconds, 1e-9))
+    return TrainResult(out_dir, run.best_value, run.best_epoch, epochs_run, seconds, run.samples_seen / max(seconds, 1e-9))
 
 
 def _brief(metrics: dict[str, Any] | None) -> dict[str, float]:
