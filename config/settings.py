@@ -68,6 +68,18 @@ class PreprocessingSettings(Section):
         return value
 
 
+# The synthetic benchmark's labels, which are also the default keyword queries of the evaluation
+# (the paper's keyword table uses atelectasis, consolidation and adenopathy on BIMCV-R).
+SYNTHETIC_FINDINGS: tuple[str, ...] = (
+    "nodule",
+    "consolidation",
+    "pleural effusion",
+    "atelectasis",
+    "lymphadenopathy",
+    "emphysema",
+)
+
+
 class SyntheticSettings(Section):
     """The synthetic paired benchmark: real/procedural chest CT backgrounds with inserted findings."""
 
@@ -217,14 +229,7 @@ class EvalSettings(Section):
     recall_ks: tuple[int, ...] = (1, 5, 10)
     precision_ks: tuple[int, ...] = (20, 50, 100)
     image_precision_ks: tuple[int, ...] = (1, 5, 10)
-    keywords: tuple[str, ...] = (
-        "nodule",
-        "consolidation",
-        "pleural effusion",
-        "atelectasis",
-        "lymphadenopathy",
-        "emphysema",
-    )
+    keywords: tuple[str, ...] = SYNTHETIC_FINDINGS
     batch_size: int = Field(8, ge=1)
 
 

@@ -19,16 +19,11 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage
 
+from config.settings import SYNTHETIC_FINDINGS
+
 from .synthetic_anatomy import LEFT, RIGHT, Anatomy, smooth_noise
 
-FINDINGS: tuple[str, ...] = (
-    "nodule",
-    "consolidation",
-    "pleural effusion",
-    "atelectasis",
-    "lymphadenopathy",
-    "emphysema",
-)
+FINDINGS: tuple[str, ...] = SYNTHETIC_FINDINGS
 DEFAULT_PROBABILITY = 0.35  # each finding independently; ~7% of studies come out normal
 SIDE_NAMES = {LEFT: "left", RIGHT: "right"}
 SIDE_CODES = {"left": LEFT, "right": RIGHT}
