@@ -25,10 +25,8 @@ class TextFeatureCache:
         if missing:
             encoded = self.encoder.encode(missing, batch_size=self.batch_size).float().cpu()
             if len(self._cache) + len(missing) > self.max_entries:
-                self._cache.clear()
+                self._cache.clear()  # a bounded cache; one batch always fits (max_entries >> batch size)
             self._cache.update(zip(missing, encoded))
-            if any(t not in self._cache for t in texts):  # cleared above and still too many
-                return torch.stack([self._cache.get(t, row) for t, row in zip(texts, self.encoder.encode(texts))])
         return torch.stack([self._cache[t] for t in texts])
 
     def __len__(self) -> int:
