@@ -59,9 +59,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(settings: Settings) -> MedFinder:
-    """MedFinder with its frozen text tower, as the settings describe it."""
-    text_encoder = build_text_encoder(settings.model.text)
+def build_model(settings: Settings, text_encoder: torch.nn.Module | None = None) -> MedFinder:
+    """MedFinder with its frozen text tower (built from the settings unless an already loaded one is given)."""
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(settings.model.text)
     return MedFinder(
         settings.model,
         settings.loss,

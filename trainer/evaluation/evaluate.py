@@ -90,8 +90,7 @@ def evaluate_checkpoint(
     results: dict[str, Any] = {TRAINED: embed_and_score(model, gallery, settings, device)}
     if baselines:
         seed_everything(settings.train.seed)
-        untrained = build_model(settings).to(device)
-        untrained.text_encoder = model.text_encoder
+        untrained = build_model(settings, text_encoder=model.text_encoder).to(device)
         results[UNTRAINED] = embed_and_score(untrained, gallery, settings, device)
     payload: dict[str, Any] = {
         "checkpoint": str(checkpoint),
