@@ -9,7 +9,7 @@ COPY trainer ./trainer
 COPY workers ./workers
 COPY dicom_node ./dicom_node
 RUN pip install --no-cache-dir .
-ENV HF_HUB_OFFLINE=1 MEDFINDER__PATHS__WORK_DIR=/data/runs
+ENV HF_HUB_OFFLINE=1 MEDFINDER__PATHS__WORK_DIR=/data/runs MEDFINDER__PATHS__DATA_DIR=/data/medfinder-data
 ENTRYPOINT ["medfinder"]
 
 FROM runtime AS train

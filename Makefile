@@ -3,6 +3,7 @@
 #   make run     the main job on embedded defaults
 #   make test    the test suite
 #   make bench   the benchmarks (figures printed)
+#   make bundle  the reference model bundle: trains like `make run` unless done, exports, installs, activates
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ APT_STAMP := $(VENV)/.medfinder-apt
 APT_PACKAGES ?=
 RUN_DIR ?= runs/synthetic-cpu
 
-.PHONY: setup apt run test bench clean
+.PHONY: setup apt run test bench bundle clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,9 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks
+
+bundle: setup
+	HF_HUB_OFFLINE=1 $(BIN)/medfinder bundle reference --run-dir $(RUN_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

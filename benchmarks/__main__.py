@@ -1,7 +1,22 @@
-"""Run every benchmark and print its figures: ``python -m benchmarks`` (or ``make bench``)."""
+"""Run every benchmark and print its figures: ``python -m benchmarks`` (or ``make bench``).
+
+``python -m benchmarks NAME [ARGS...]`` runs one of them with its own arguments, e.g.
+``python -m benchmarks train_throughput --paper`` or ``python -m benchmarks bundle_inference --no-paper``.
+"""
 
 import sys
 
-from benchmarks import train_throughput
+from benchmarks import bundle_inference, train_throughput
 
-sys.exit(train_throughput.main(sys.argv[1:]))
+BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference}
+
+arguments = sys.argv[1:]
+if arguments:
+    if arguments[0] not in BENCHMARKS:
+        sys.exit(f"usage: python -m benchmarks [{' | '.join(BENCHMARKS)} [ARGS...]]")
+    sys.exit(BENCHMARKS[arguments[0]].main(arguments[1:]))
+status = 0
+for module in BENCHMARKS.values():
+    status |= module.main([])
+    print()
+sys.exit(status)

@@ -35,6 +35,8 @@ class PathsSettings(Section):
 
     shared_data: Path = Field(default_factory=default_shared_data_dir)
     work_dir: Path = Path("runs")
+    # The node's own state (model bundle registry: <data_dir>/bundles/<bundle_id>/); relative to the cwd.
+    data_dir: Path = Path("medfinder-data")
 
 
 class PreprocessingSettings(Section):

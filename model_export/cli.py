@@ -1,12 +1,20 @@
-"""Torch-free subcommands of the bundle contract: ``preprocess`` (one volume through the shared recipe)."""
+"""Subcommands of the bundle contract.
+
+``preprocess`` (one volume through the shared recipe), ``export`` (checkpoint -> ONNX bundle, needs the
+``train`` extra) and ``bundle list | verify | activate | install | reference`` (the registry). Only ``export``
+and ``bundle reference`` import torch, inside their handlers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from config.cli import add_config_arguments, settings_from_args
+from config.settings import Settings
+from model_export.reference import REFERENCE_PRESET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +25,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preprocess.add_argument("source", type=Path, help="DICOM series folder, .nii/.nii.gz or .npy")
     preprocess.add_argument("--out", type=Path, help="write the model input [1, D, H, W] as .npy")
     preprocess.set_defaults(handler=run_preprocess)
+
+    export = subparsers.add_parser("export", help="checkpoint -> ONNX model bundle folder, parity-checked")
+    add_config_arguments(export)  # only paths.* matter: the checkpoint carries the model settings
+    export.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt of a training run")
+    export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    export.add_argument("--name", help="model name in the manifest (default medfinder-<backbone>-<text tower>)")
+    export.add_argument("--version", help="model version in the manifest (default epoch<N>)")
+    export.add_argument("--parity-series", type=Path,
+                        help="DICOM series for the real-data parity check (default: first Lung-PET-CT-Dx series "
+                             "under paths.shared_data)")
+    export.add_argument("--threads", type=int, help="torch and onnxruntime threads during export")
+    export.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    export.set_defaults(handler=run_export)
+
+    bundle = subparsers.add_parser("bundle", help="model bundle registry: list, verify, activate, install, reference")
+    actions = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="installed bundles, the active one marked *")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = actions.add_parser("verify", help="check every file of a bundle folder against its manifest")
+    verify.add_argument("path", type=Path, help="bundle folder (or the id of an installed bundle)")
+    activate = actions.add_parser("activate", help="mark an installed bundle active")
+    activate.add_argument("bundle_id", help="bundle id (a unique prefix is enough)")
+    install = actions.add_parser("install", help="copy a bundle folder into the registry")
+    install.add_argument("path", type=Path)
+    install.add_argument("--activate", action="store_true")
+    reference = actions.add_parser(
+        "reference", help="train (synthetic-cpu preset), export, install and activate the demo bundle")
+    reference.add_argument("--checkpoint", type=Path, help="install from this checkpoint instead of training")
+    reference.add_argument("--run-dir", type=Path, help="training run folder (default <work_dir>/synthetic-cpu)")
+    reference.set_defaults(config=REFERENCE_PRESET)
+    for parser, handler in ((listing, run_bundle_list), (verify, run_bundle_verify), (activate, run_bundle_activate),
+                            (install, run_bundle_install), (reference, run_bundle_reference)):
+        add_config_arguments(parser)
+        parser.add_argument("--data-dir", type=Path, help="override paths.data_dir (the registry is DATA_DIR/bundles)")
+        parser.set_defaults(handler=handler)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"medfinder {command}: {error}", file=sys.stderr)
+    return 1
+
+
+def _registry_settings(args: argparse.Namespace) -> Settings:
+    settings = settings_from_args(args)
+    if getattr(args, "data_dir", None) is not None:
+        settings.paths.data_dir = args.data_dir
+    return settings
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -41,4 +96,120 @@ def run_preprocess(args: argparse.Namespace) -> int:
         "recipe": describe_spec(settings.preprocessing),
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from model_export.bundle_export import export_bundle
+    from model_export.errors import BundleError
+    from model_export.parity import find_real_series
+
+    settings = settings_from_args(args)
+    series = args.parity_series or find_real_series(settings.paths.shared_data)
+    if series is None:
+        print(f"medfinder export: no real CT series under {settings.paths.shared_data}: parity on random volumes "
+              "and texts only", file=sys.stderr)
+    try:
+        manifest = export_bundle(args.checkpoint, args.out, real_series=series, name=args.name,
+                                 version=args.version, force=args.force, threads=args.threads,
+                                 report=lambda line: print(f"export: {line}", flush=True))
+    except (BundleError, FileNotFoundError, ValueError) as error:
+        return _fail("export", error)
+    parity = manifest["parity"]
+    print(json.dumps({"out": str(args.out), "bundle_id": manifest["bundle_id"],
+                      "embedding_dim": manifest["embedding_dim"],
+                      "parity": {"min_cosine": parity["min_cosine"], "max_abs_diff": parity["max_abs_diff"],
+                                 "real_series": parity["real_series"]}}, indent=2))
+    return 0
+
+
+def _metric_text(metrics: dict) -> str:
+    if not metrics:
+        return "-"
+    return " ".join(f"{k} {metrics[k]:.1f}" for k in ("R@1", "R@5", "R@10") if k in metrics) + f" ({metrics['split']})"
+
+
+def run_bundle_list(args: argparse.Namespace) -> int:
+    from model_export.errors import BundleError
+    from model_export.registry import list_bundles, registry_dir
+
+    settings = _registry_settings(args)
+    try:
+        entries = list_bundles(settings)
+    except BundleError as error:
+        return _fail("bundle list", error)
+    if args.json:
+        print(json.dumps([{"bundle_id": e.bundle_id, "active": e.active, "name": e.name, "version": e.version,
+                           "embedding_dim": e.embedding_dim, "created": e.created, "t2i": e.headline_metrics(),
+                           "path": str(e.path), "error": e.error} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no bundles in {registry_dir(settings)} (install one: medfinder bundle reference)")
+        return 0
+    print(f"bundles in {registry_dir(settings)} (* = active)")
+    print(f"  {'bundle id':16}  {'model':30} {'version':10} {'dim':>4}  {'created':25}  text→image")
+    for e in entries:
+        marker = "*" if e.active else " "
+        if e.error:
+            print(f"{marker} {e.bundle_id:16}  unreadable: {e.error}")
+            continue
+        print(f"{marker} {e.bundle_id:16}  {e.name:30} {e.version:10} {e.embedding_dim or '?':>4}  {e.created:25}  "
+              f"{_metric_text(e.headline_metrics())}")
+    return 0
+
+
+def run_bundle_verify(args: argparse.Namespace) -> int:
+    from model_export.bundle_manifest import verify_bundle
+    from model_export.errors import BundleError
+    from model_export.registry import find_bundle
+
+    try:
+        folder = args.path
+        if not folder.exists() and len(folder.parts) == 1:
+            folder = find_bundle(_registry_settings(args), str(folder))
+        manifest = verify_bundle(folder)
+    except BundleError as error:
+        return _fail("bundle verify", error)
+    model = manifest.get("model", {})
+    print(f"ok: bundle {manifest['bundle_id']} ({model.get('name')} {model.get('version')}, "
+          f"{len(manifest['files'])} files + manifest, {manifest['embedding_dim']}-d) at {folder}")
+    return 0
+
+
+def run_bundle_activate(args: argparse.Namespace) -> int:
+    from model_export.errors import BundleError
+    from model_export.registry import activate_bundle
+
+    try:
+        bundle_id = activate_bundle(_registry_settings(args), args.bundle_id)
+    except BundleError as error:
+        return _fail("bundle activate", error)
+    print(f"active bundle: {bundle_id}")
+    return 0
+
+
+def run_bundle_install(args: argparse.Namespace) -> int:
+    from model_export.errors import BundleError
+    from model_export.registry import install_bundle
+
+    try:
+        path = install_bundle(args.path, _registry_settings(args), activate=args.activate)
+    except BundleError as error:
+        return _fail("bundle install", error)
+    print(f"installed {path}" + (" (active)" if args.activate else ""))
+    return 0
+
+
+def run_bundle_reference(args: argparse.Namespace) -> int:
+    from model_export.errors import BundleError
+    from model_export.reference import build_reference_bundle
+
+    settings = _registry_settings(args)
+    try:
+        path = build_reference_bundle(settings, checkpoint=args.checkpoint, run_dir=args.run_dir,
+                                      report=lambda line: print(line, flush=True))
+    except (BundleError, FileNotFoundError) as error:
+        return _fail("bundle reference", error)
+    print(f"reference bundle: {path.name} (active) in {path.parent}")
+    print("note: a demo trained on synthetic findings; not a clinical model (see README, Model bundles)")
     return 0

@@ -29,3 +29,34 @@ def shared_data() -> Path:
 def lung_ct_dir(shared_data: Path) -> Path:
     """The Lung-PET-CT-Dx sample: 2 chest CT studies, 4 series."""
     return shared_data / "ct" / "lung-pet-ct-dx"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny MedFinder training run (tiny preset, a few seconds) shared by the model bundle tests."""
+    from config import load_settings
+    from trainer.engine.loop import train
+
+    work = tmp_path_factory.mktemp("bundle-train")
+    settings = load_settings("tiny", overrides={"paths": {"work_dir": str(work)}, "train": {"progress": False}})
+    train(settings, work / "run")
+    return work / "run" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported once through ``medfinder export`` (parity-checked). Tests must not modify it."""
+    from config.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    """The PyTorch model of ``tiny_checkpoint`` (eval mode) with its settings, to compare the runtime against."""
+    from model_export.bundle_export import load_model
+
+    model, _state, settings = load_model(tiny_checkpoint)
+    return model, settings

@@ -27,3 +27,26 @@ def test_table_lists_every_variant_with_its_figures() -> None:
     assert "N = 250" in table
     assert "41.60" in table and "38.00" in table and "0.850" in table and "0.690" in table
     assert table.index("full") < table.index("no-mse")
+
+
+def test_an_evaluated_variant_is_reused_not_retrained(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    import trainer.engine.loop as loop
+    from trainer.evaluation.ablation import run_ablation
+    from trainer.evaluation.evaluate import TRAINED
+
+    def no_training(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a variant with eval-test.json must not be trained again")
+
+    monkeypatch.setattr(loop, "train", no_training)
+    run_dir = tmp_path / "full"
+    run_dir.mkdir()
+    recalls = {"R@1": 1.0, "R@5": 2.0, "R@10": 44.0, "MdR": 9.0, "MnR": 20.0}
+    result = {"t2i": recalls, "i2t": recalls,
+              "keyword": {"mean": {"P@20": 0.9, "P@50": 0.8, "P@100": 0.7}}, "i2i": {"P@10": 0.75}}
+    (run_dir / "eval-test.json").write_text(json.dumps({"N": 250, "results": {TRAINED: result}}))
+    (run_dir / "metrics.jsonl").write_text('{"epoch_seconds": 60}\n{"epoch_seconds": 30}\n')
+    rows = run_ablation(load_settings("tiny"), tmp_path, ["full"])
+    assert rows[0]["t2i"]["R@10"] == 44.0 and rows[0]["train_minutes"] == 1.5
+    assert "44.00" in json.loads((tmp_path / "ablation.json").read_text())["table"]

@@ -157,6 +157,30 @@ def test_inserted_findings_change_voxels_in_the_expected_direction() -> None:
     assert seen == set(FINDINGS)
 
 
+def test_nodules_sit_clear_of_the_pleura_and_nodes_bulge_into_the_lung() -> None:
+    """Visibility rules of generator 1.2: a nodule's centre lies deeper in the lung than its radius (not
+    merged into the chest wall); a node lies about half in the lung, half in the mediastinum."""
+    from scipy import ndimage
+
+    settings = SyntheticSettings(seed=3, volume_shape=(96, 96, 48))
+    nodule_depth_ratios: list[float] = []
+    node_lung_fractions: list[float] = []
+    for index in range(12):
+        case = generate_case(settings, "train", index, keep_background=True)
+        assert case.background is not None
+        lung = case.background < -600.0  # air-density voxels before any finding was painted
+        depth = ndimage.distance_transform_edt(lung, sampling=case.spacing)
+        for lesion in case.lesions:
+            centre = tuple(int(round(c)) for c in lesion.centre_vox)
+            if lesion.finding == "nodule":
+                nodule_depth_ratios.append(float(depth[centre]) / (lesion.size_mm / 2.0))
+            elif lesion.finding == "lymphadenopathy" and lesion.mask is not None and lesion.mask.any():
+                node_lung_fractions.append(float(lung[lesion.region][lesion.mask].mean()))
+    assert len(nodule_depth_ratios) >= 3 and len(node_lung_fractions) >= 3
+    assert np.quantile(nodule_depth_ratios, 0.25) >= 0.9, sorted(nodule_depth_ratios)
+    assert 0.25 <= np.median(node_lung_fractions) <= 0.75, node_lung_fractions
+
+
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_orientation_variants_decode_to_the_same_ras_content(orientation: str) -> None:
     rng = np.random.default_rng(0)

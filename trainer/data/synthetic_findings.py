@@ -83,6 +83,7 @@ class _Sites:
         self.anatomy = anatomy
         self._coords: dict[int, np.ndarray] = {}
         self._mid: dict[int, float] = {}
+        self._depth: dict[int, np.ndarray] = {}
 
     def lung(self, code: int) -> np.ndarray:
         """All (i, j, k) voxels of one lung."""
@@ -104,6 +105,32 @@ class _Sites:
             return coords
         keep = coords[:, 2] >= self._mid[code] if zone == "upper" else coords[:, 2] < self._mid[code]
         return coords[keep] if keep.any() else coords
+
+    def depth_mm(self, code: int) -> np.ndarray:
+        """Per voxel of :meth:`lung`: distance (mm) to the nearest voxel outside that lung."""
+        if code not in self._depth:
+            inside = self.anatomy.lung == code
+            distance = ndimage.distance_transform_edt(inside, sampling=self.anatomy.spacing)
+            coords = self.lung(code)
+            self._depth[code] = distance[coords[:, 0], coords[:, 1], coords[:, 2]].astype(np.float32)
+        return self._depth[code]
+
+    def deep_lung_zone(self, code: int, zone: str, min_depth_mm: float) -> np.ndarray:
+        """Zone voxels at least ``min_depth_mm`` from the pleura (the deepest tenth if none is that deep).
+
+        Why: a nodule centred near the chest wall is clipped to the lung and merges with the wall,
+        leaving a lesion the report names but the image barely shows.
+        """
+        coords, depth = self.lung(code), self.depth_mm(code)
+        if not len(coords):
+            return coords
+        in_zone = coords[:, 2] >= self._mid[code] if zone == "upper" else coords[:, 2] < self._mid[code]
+        if not in_zone.any():
+            in_zone = np.ones(len(coords), dtype=bool)
+        deep = in_zone & (depth >= min_depth_mm)
+        if not deep.any():
+            deep = in_zone & (depth >= np.quantile(depth[in_zone], 0.9))
+        return coords[deep]
 
 
 def _box(
@@ -184,11 +211,11 @@ def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, l
     lesions: list[Lesion] = []
     for n in range(count):
         code = sides[n % len(sides)]
-        coords = sites.lung_zone(code, zone)
-        if not len(coords):
-            continue
         diameter = rng.uniform(35.0, 60.0) if mass else (rng.uniform(20.0, 36.0) if n == 0 else rng.uniform(16.0, 28.0))
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
+        coords = sites.deep_lung_zone(code, zone, min_depth_mm=0.8 * float(radii.max()) + 4.0)
+        if not len(coords):
+            continue
         waves = rng.normal(0.0, 1.0, size=(2, 3)) * (2.5 / diameter)
         phases = rng.uniform(0.0, 2.0 * np.pi, size=2)
         best = None
@@ -205,7 +232,7 @@ def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, l
             inside = float((anatomy.lung[region] > 0)[body].mean())
             if best is None or inside > best[0]:
                 best = (inside, centre, region, alpha)
-            if inside >= (0.6 if mass else 0.75):
+            if inside >= (0.8 if mass else 0.9):
                 break
         if best is None or best[0] < 0.4:
             continue
@@ -400,40 +427,42 @@ def _insert_atelectasis(anatomy: Anatomy, sites: _Sites, rng: np.random.Generato
 
 
 def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, laterality: str, zone: str) -> list[Lesion]:
-    """Enlarged lymph nodes (16-34 mm, 30-55 HU) in mediastinal fat next to the lung (hilar/paratracheal).
+    """Enlarged hilar or paratracheal lymph nodes (22-40 mm, 40-70 HU) bulging into the medial lung.
 
-    Centres are drawn from mediastinum voxels within ~2 voxels of lung, so a node bulges into the lung
-    as well as replacing fat: visible against both, as enlarged hilar nodes are on real CT.
+    Centres sit on the lung's medial border (the tenth of the lung closest to the midline, within
+    ~1.5 voxels of non-lung) at hilar levels (lower zone: 30-55 % of the lung's height) or paratracheal
+    levels (upper zone: 55-85 %), and a placement is accepted when 30-70 % of the node lies in lung.
+    Why: a node that only replaces mediastinal fat differs from the heart and vessels beside it by a
+    few tens of HU, invisible after the training window and resize; one bulging into the lung shows
+    its convex contour against air, as enlarged hilar nodes do on real CT. Painting is limited to lung
+    and mediastinal fat, so the node never spills into the heart, bone or abdomen.
     """
     spacing = np.asarray(anatomy.spacing)
-    med = anatomy.mediastinum
-    if not med.any():
-        return []
     lung_any = anatomy.lung > 0
-    bbox = ndimage.find_objects(med.astype(np.uint8))[0]
-    bbox = tuple(slice(max(0, s.start - 3), min(n, s.stop + 3)) for s, n in zip(bbox, med.shape))
-    near = ndimage.binary_dilation(lung_any[bbox], iterations=2) & med[bbox]
-    coords = np.argwhere(near) + np.array([s.start for s in bbox])
-    if not len(coords):
-        return []
-    lung_k = np.flatnonzero(lung_any.any(axis=(0, 1)))
-    mid_k = (lung_k[0] + lung_k[-1]) / 2.0 if len(lung_k) else anatomy.hu.shape[2] / 2.0
+    paintable = lung_any | anatomy.mediastinum
     value = rng.uniform(40.0, 70.0)
     count = int(rng.integers(2, 5))
     sides = _sides_for(laterality)
     if laterality == "bilateral":
         count = max(count, 2)
+    band = (0.55, 0.85) if zone == "upper" else (0.3, 0.55)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions: list[Lesion] = []
     for n in range(count):
-        side = SIDE_NAMES[sides[n % len(sides)]]
-        on_side = (coords[:, 0] >= anatomy.midline_i) if side == "right" else (coords[:, 0] < anatomy.midline_i)
-        in_zone = (coords[:, 2] >= mid_k) if zone == "upper" else (coords[:, 2] < mid_k)
-        cands = coords[on_side & in_zone]
-        if not len(cands):
-            cands = coords[on_side]
-        if not len(cands):
+        code = sides[n % len(sides)]
+        coords, depth = sites.lung(code), sites.depth_mm(code)
+        if len(coords) < 40:
             continue
+        k_lo, k_hi = float(coords[:, 2].min()), float(coords[:, 2].max())
+        height = (coords[:, 2] - k_lo) / max(1.0, k_hi - k_lo)
+        medial_distance = np.abs(coords[:, 0] - anatomy.midline_i)
+        in_band = (height >= band[0]) & (height <= band[1])
+        if not in_band.any():
+            continue
+        medial = medial_distance <= np.quantile(medial_distance[in_band], 0.1)
+        cands = coords[in_band & medial & (depth <= 1.5 * float(spacing.max()))]
+        if not len(cands):
+            cands = coords[in_band & medial]
         diameter = rng.uniform(22.0, 40.0)
         radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
         best = None
@@ -446,24 +475,23 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
             body = alpha >= 0.5
             if not body.any():
                 continue
-            allowed = med[region] | lung_any[region]
-            ok = float(allowed[body].mean())
             in_lung = float(lung_any[region][body].mean())
-            score = ok - max(0.0, in_lung - 0.6)
+            score = -abs(in_lung - 0.5)
             if best is None or score > best[0]:
-                best = (score, centre, region, alpha, allowed)
-            if ok >= 0.7 and in_lung <= 0.6:
+                best = (score, centre, region, alpha)
+            if 0.3 <= in_lung <= 0.7:
                 break
-        if best is None or best[0] < 0.4:
+        if best is None or best[0] < -0.35:
             continue
-        _, centre, region, alpha, allowed = best
+        _, centre, region, alpha = best
         texture = value + 6.0 * rng.standard_normal(alpha.shape).astype(np.float32)
-        mask = _paint(anatomy.hu, region, alpha, texture, allowed)
-        zone_here = "upper" if centre[2] >= mid_k else "lower"
+        mask = _paint(anatomy.hu, region, alpha, texture, paintable[region])
+        side = SIDE_NAMES[code]
+        zone_here = "upper" if zone == "upper" else "lower"
         station = ("right paratracheal" if side == "right" else "aortopulmonary window") if zone_here == "upper" \
             else f"{side} hilar"
         lesions.append(
-            Lesion("", "lymphadenopathy", _side_of(anatomy, centre[0]), zone_here, float(2.0 * radii.min()),
+            Lesion("", "lymphadenopathy", side, zone_here, float(2.0 * radii.min()),
                    float(value), tuple(float(c) for c in centre), float(mask.sum()) * voxel_ml,  # type: ignore[arg-type]
                    {"station": station}, region, mask)
         )

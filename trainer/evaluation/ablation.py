@@ -8,11 +8,14 @@ interrupted ablation resumes), is evaluated on the same held-out gallery, and on
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from config import Settings
 from config.loader import deep_merge
+
+logger = logging.getLogger(__name__)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -58,6 +61,14 @@ def format_ablation_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def logged_training_minutes(metrics_log: Path) -> float | None:
+    """Training wall time of a finished run, summed from its per-epoch log (None without a log)."""
+    if not metrics_log.is_file():
+        return None
+    lines = metrics_log.read_text(encoding="utf-8").splitlines()
+    return round(sum(json.loads(line).get("epoch_seconds", 0.0) for line in lines if line.strip()) / 60, 2)
+
+
 def run_ablation(base: Settings, out_dir: Path, variants: list[str]) -> list[dict[str, Any]]:
     """Train and evaluate each variant in ``out_dir/<variant>``; writes ``out_dir/ablation.json``."""
     from trainer.engine.loop import train
@@ -68,10 +79,17 @@ def run_ablation(base: Settings, out_dir: Path, variants: list[str]) -> list[dic
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
         run_dir = out_dir / name
-        result = train(variant_settings(base, VARIANTS[name]), run_dir)
-        payload = evaluate_checkpoint(run_dir / "best.pt", progress=base.train.progress)
-        row = summarise(name, payload)
-        row["train_minutes"] = round(result.seconds / 60, 2)
+        finished = run_dir / "eval-test.json"
+        if finished.is_file():  # a variant already trained and evaluated: an interrupted ablation resumes
+            logger.info("ablation variant %s: reusing %s", name, finished)
+            payload = json.loads(finished.read_text(encoding="utf-8"))
+            row = summarise(name, payload)
+            row["train_minutes"] = logged_training_minutes(run_dir / "metrics.jsonl")
+        else:
+            result = train(variant_settings(base, VARIANTS[name]), run_dir)
+            payload = evaluate_checkpoint(run_dir / "best.pt", progress=base.train.progress)
+            row = summarise(name, payload)
+            row["train_minutes"] = round(result.seconds / 60, 2)
         rows.append(row)
     table = format_ablation_table(rows)
     (out_dir / "ablation.json").write_text(json.dumps({"variants": rows, "table": table}, indent=2))

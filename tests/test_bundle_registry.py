@@ -1,0 +1,142 @@
+"""The bundle registry (install, list, activate) and ``medfinder bundle reference --checkpoint``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bundle_helpers import clone_bundle
+from config import load_settings
+from config.cli import main
+from model_export.bundle_manifest import MANIFEST_FILE, finalize_manifest, read_manifest
+from model_export.errors import BundleError, BundleIntegrityError
+from model_export.reference import REFERENCE_NAME
+from model_export.registry import (
+    ACTIVE_FILE,
+    active_bundle_id,
+    active_bundle_path,
+    activate_bundle,
+    install_bundle,
+    list_bundles,
+    registry_dir,
+)
+from model_export.runtime import load_bundle
+
+
+def second_bundle(tiny_bundle: Path, target: Path) -> Path:
+    """Another valid bundle with a different id (an extra file), without exporting again."""
+    folder = clone_bundle(tiny_bundle, target, writable=(MANIFEST_FILE,))
+    (folder / "NOTICE.txt").write_text("demo bundle\n")
+    manifest = read_manifest(folder)
+    manifest["model"]["version"] = "second"
+    finalize_manifest(folder, manifest)
+    return folder
+
+
+def test_data_dir_setting_and_environment() -> None:
+    assert load_settings(environ={}).paths.data_dir == Path("medfinder-data")
+    settings = load_settings(environ={"MEDFINDER__PATHS__DATA_DIR": "/srv/medfinder"})
+    assert registry_dir(settings) == Path("/srv/medfinder/bundles")
+
+
+def test_registry_install_list_activate(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    with pytest.raises(BundleError, match="no active model bundle"):
+        active_bundle_path(data)
+    first = install_bundle(tiny_bundle, data)
+    assert first.parent == registry_dir(data) and first.name == read_manifest(tiny_bundle)["bundle_id"]
+    assert install_bundle(tiny_bundle, data) == first  # same content: nothing new
+    other = install_bundle(second_bundle(tiny_bundle, tmp_path / "second"), data, activate=True)
+    assert other.name != first.name
+    assert [e.bundle_id for e in list_bundles(data) if e.active] == [other.name]
+    assert active_bundle_path(data) == other
+
+    assert activate_bundle(data, first.name[:6]) == first.name  # a unique prefix is enough
+    assert active_bundle_id(data) == first.name
+    assert json.loads((registry_dir(data) / ACTIVE_FILE).read_text())["bundle_id"] == first.name
+    assert load_bundle(active_bundle_path(load_settings(overrides={"paths": {"data_dir": str(data)}}))).bundle_id \
+        == first.name
+    with pytest.raises(BundleError, match="not installed"):
+        activate_bundle(data, "feedface")
+
+    assert main(["bundle", "activate", other.name, "--data-dir", str(data)]) == 0
+    assert main(["bundle", "list", "--data-dir", str(data)]) == 0
+    listing = capsys.readouterr().out
+    active_line = next(line for line in listing.splitlines() if line.startswith("*"))
+    assert other.name in active_line and "second" in active_line and "R@10" in active_line
+    assert first.name in listing and "medfinder-resnet10-minilm" in listing
+    assert main(["bundle", "list", "--json", "--data-dir", str(data)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["bundle_id"]: row["active"] for row in rows} == {first.name: False, other.name: True}
+    assert all(row["embedding_dim"] == 32 and "R@10" in row["t2i"] for row in rows)
+    assert main(["bundle", "verify", first.name, "--data-dir", str(data)]) == 0
+
+
+def test_a_damaged_bundle_is_never_activated(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    installed = install_bundle(tiny_bundle, data, activate=True)
+    other = install_bundle(second_bundle(tiny_bundle, tmp_path / "second"), data)
+    (other / "NOTICE.txt").write_text("changed\n")
+    with pytest.raises(BundleIntegrityError, match="NOTICE.txt"):
+        activate_bundle(data, other.name)
+    assert active_bundle_id(data) == installed.name
+
+
+def test_reference_from_a_checkpoint_installs_and_activates(
+    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole command but torch.onnx.export itself (the session bundle's graphs of the same checkpoint are
+    reused to keep the suite fast; exporting is covered by ``tiny_bundle``). Parity still runs, for real."""
+    for name in ("image_encoder", "text_encoder"):
+        monkeypatch.setattr(f"model_export.bundle_export.export_{name}",
+                            lambda _model, path, *_args, source=tiny_bundle / f"{name}.onnx": shutil.copy(source, path))
+    data = tmp_path / "data"
+    assert main(["bundle", "reference", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(data)]) == 0
+    first_run = capsys.readouterr().out
+    assert "[1/3]" in first_run and "[3/3]" in first_run and "not a clinical model" in first_run
+    (entry,) = list_bundles(data)
+    assert entry.active and entry.name == REFERENCE_NAME
+    assert entry.manifest["parity"]["min_cosine"] >= 0.9999
+    assert [p.name for p in registry_dir(data).iterdir() if p.name.startswith(".")] == []  # no staging left over
+
+    assert main(["bundle", "reference", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(data)]) == 0
+    assert "nothing to do" in capsys.readouterr().out  # already installed and active: no second export
+    assert [e.bundle_id for e in list_bundles(data)] == [entry.bundle_id]
+
+
+def test_reference_trains_and_evaluates_once_then_reuses_the_run(
+    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --checkpoint: train + evaluate as `medfinder train --evaluate` would (stubbed here: the tiny run
+    stands in for the 15-minute synthetic-cpu one), then export and install; a complete run folder is reused."""
+    from trainer.engine.loop import TrainResult
+
+    calls: list[str] = []
+
+    def fake_train(settings, out_dir, resume=True):
+        calls.append(f"train {settings.model.image.widths} resume={resume}")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_checkpoint, Path(out_dir) / "best.pt")
+        return TrainResult(Path(out_dir), 50.0, 1, 1, 1.0, 1.0)
+
+    def fake_evaluate(checkpoint, split="test", progress=True, **_kwargs):
+        calls.append(f"evaluate {Path(checkpoint).name} {split}")
+        Path(checkpoint).with_name("eval-test.json").write_text("{}")
+
+    monkeypatch.setattr("trainer.engine.loop.train", fake_train)
+    monkeypatch.setattr("trainer.evaluation.evaluate.evaluate_checkpoint", fake_evaluate)
+    for name in ("image_encoder", "text_encoder"):
+        monkeypatch.setattr(f"model_export.bundle_export.export_{name}",
+                            lambda _model, path, *_args, source=tiny_bundle / f"{name}.onnx": shutil.copy(source, path))
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    command = ["bundle", "reference", "--run-dir", str(run_dir), "--data-dir", str(data)]
+    assert main(command) == 0
+    widths = load_settings("synthetic-cpu").model.image.widths  # trained with the synthetic-cpu preset
+    assert calls == [f"train {widths} resume=True", "evaluate best.pt test"]
+    assert [e.name for e in list_bundles(data) if e.active] == [REFERENCE_NAME]
+    assert main(command) == 0
+    assert len(calls) == 2 and len(list_bundles(data)) == 1  # complete run folder, installed bundle: no work
