@@ -150,6 +150,16 @@ def _grid(offsets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]
 
 
+def _ellipsoid(
+    centre: np.ndarray, radii: np.ndarray, spacing: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Box around an ellipsoid (30 % margin), its mm offset grids, and the normalised radius ``rho``."""
+    region, offsets = _box(centre, radii.max() * 1.3, spacing, shape)
+    dx, dy, dz = _grid(offsets)
+    rho = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2)
+    return region, (dx, dy, dz), rho
+
+
 def _soft(distance_inside_mm: np.ndarray, edge_mm: float) -> np.ndarray:
     """Partial-volume edge: 1 deep inside, 0 outside, linear over ``edge_mm`` around the boundary."""
     return np.clip(distance_inside_mm / max(edge_mm, 1e-3) + 0.5, 0.0, 1.0).astype(np.float32)
@@ -221,9 +231,7 @@ def _insert_nodules(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, l
         best = None
         for _ in range(25):
             centre = _pick(coords, rng)
-            region, offsets = _box(centre, radii.max() * 1.3, spacing, anatomy.hu.shape)
-            dx, dy, dz = _grid(offsets)
-            rho = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2)
+            region, (dx, dy, dz), rho = _ellipsoid(centre, radii, spacing, anatomy.hu.shape)
             bumps = sum(0.08 * np.sin(w[0] * dx + w[1] * dy + w[2] * dz + p) for w, p in zip(waves, phases))
             alpha = _soft((1.0 - rho + bumps) * radii.mean(), 0.7 * spacing.min())
             body = alpha >= 0.5
@@ -468,9 +476,7 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
         best = None
         for _ in range(20):
             centre = _pick(cands, rng)
-            region, offsets = _box(centre, radii.max() * 1.3, spacing, anatomy.hu.shape)
-            dx, dy, dz = _grid(offsets)
-            rho = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2)
+            region, (dx, dy, dz), rho = _ellipsoid(centre, radii, spacing, anatomy.hu.shape)
             alpha = _soft((1.0 - rho) * radii.mean(), 0.7 * spacing.min())
             body = alpha >= 0.5
             if not body.any():
