@@ -44,13 +44,12 @@ from model_export.onnx_export import (
 from model_export.parity import check_parity, require_parity
 from model_export.preprocessing import describe_spec
 from model_export.runtime import CPU, load_bundle
-from trainer.engine.checkpoint import load_checkpoint
-from trainer.engine.loop import build_model
+from trainer.engine.loop import load_trained_model
+from trainer.evaluation.evaluate import TRAINED
 from trainer.model.medfinder import MedFinder
 
 logger = logging.getLogger(__name__)
 
-TRAINED_RESULTS = "MedFinder (trained)"  # the key trainer.evaluation.evaluate writes
 CHUNKING = ("model_export.text_windows.inference_chunks: consecutive window_words-word chunks from the start "
             "(whitespace words), at most max_chunks; one whole text when the sampler is disabled")
 POOLING = "mean of the chunk embeddings, then L2 re-normalised (trainer.engine.embedding.embed_reports)"
@@ -83,7 +82,7 @@ def evaluation_beside(checkpoint: Path, epoch: int) -> dict[str, Any] | None:
     same_file = Path(str(payload.get("checkpoint", ""))).name == Path(checkpoint).name
     if not same_file or payload.get("checkpoint_epoch") != epoch:
         return None
-    trained = payload.get("results", {}).get(TRAINED_RESULTS)
+    trained = payload.get("results", {}).get(TRAINED)
     return None if trained is None else {"split": "test", "N": payload.get("N"), "gallery": payload.get("gallery"),
                                          **trained}
 
@@ -142,15 +141,6 @@ def build_manifest(model: MedFinder, state: dict[str, Any], settings: Settings, 
     }
 
 
-def load_model(checkpoint: Path) -> tuple[MedFinder, dict[str, Any], Settings]:
-    """The model of ``checkpoint`` in eval mode (frozen text tower rebuilt from its settings), on the CPU."""
-    state = load_checkpoint(checkpoint)
-    settings = Settings.model_validate(state["settings"])
-    model = build_model(settings)
-    model.load_trainable_state_dict(state["model"])
-    return model.eval(), state, settings
-
-
 def _place(staging: Path, out: Path, force: bool) -> None:
     if out.exists():
         if force and out.is_dir():
@@ -180,7 +170,7 @@ def export_bundle(
     if threads:
         torch.set_num_threads(int(threads))
     report(f"loading {checkpoint}")
-    model, state, settings = load_model(checkpoint)
+    model, state, settings = load_trained_model(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -200,7 +190,7 @@ def export_bundle(
         bundle = load_bundle(staging, providers=[CPU], threads=threads)
         parity = check_parity(model, bundle, settings, real_series)
         manifest["parity"] = parity
-        manifest = finalize_manifest(staging, manifest)
+        manifest = finalize_manifest(staging, manifest, files=manifest["files"])  # graphs unchanged: no re-hash
         report(f"parity: min cosine image {parity['image_encoder']['min_cosine']:.7f}, "
                f"text {parity['text_encoder']['min_cosine']:.7f}; max |diff| {parity['max_abs_diff']:.2e}")
         require_parity(parity)

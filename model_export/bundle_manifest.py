@@ -99,12 +99,16 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def finalize_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash the folder's files into ``manifest``, set ``bundle_id`` and the integrity digest, write it."""
+def finalize_manifest(folder: Path, manifest: dict[str, Any],
+                      files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Hash the folder's files into ``manifest``, set ``bundle_id`` and the integrity digest, write it.
+
+    ``files``: hashes already taken of this folder (only the manifest changed since), to skip hashing again.
+    """
     folder = Path(folder)
     manifest = dict(manifest)
     manifest["format"] = BUNDLE_FORMAT
-    manifest["files"] = describe_files(folder)
+    manifest["files"] = describe_files(folder) if files is None else files
     manifest["bundle_id"] = bundle_id_for(manifest["files"])
     manifest.pop("integrity", None)
     manifest["integrity"] = {"manifest_sha256": manifest_digest(manifest), "algorithm": "sha256"}

@@ -39,14 +39,13 @@ def ensure_trained(settings: Settings, run_dir: Path, report: Reporter) -> Path:
     if checkpoint.is_file() and evaluation.is_file():
         report(f"[1/3] {run_dir} already holds a trained and evaluated checkpoint: no training")
         return checkpoint
-    from trainer.engine.loop import train
-    from trainer.evaluation.evaluate import evaluate_checkpoint
+    from trainer.evaluation.evaluate import train_and_evaluate
 
-    report(f"[1/3] training MedFinder on the synthetic benchmark into {run_dir} (resumes from last.pt if present)")
-    result = train(settings, run_dir, resume=True)
+    report(f"[1/3] training MedFinder on the synthetic benchmark into {run_dir} (resumes from last.pt if present), "
+           "then evaluating it on the test split")
+    result, _ = train_and_evaluate(settings, run_dir, resume=True)
     report(f"      trained {result.epochs_run} epoch(s) in {result.seconds / 60:.1f} min; best val t2i R@10 "
-           f"{result.best_value:.1f} (epoch {result.best_epoch}); evaluating on the test split")
-    evaluate_checkpoint(checkpoint, split="test", progress=settings.train.progress)
+           f"{result.best_value:.1f} (epoch {result.best_epoch})")
     return checkpoint
 
 

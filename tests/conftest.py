@@ -56,7 +56,7 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint: Path):
     """The PyTorch model of ``tiny_checkpoint`` (eval mode) with its settings, to compare the runtime against."""
-    from model_export.bundle_export import load_model
+    from trainer.engine.loop import load_trained_model
 
-    model, _state, settings = load_model(tiny_checkpoint)
+    model, _state, settings = load_trained_model(tiny_checkpoint)
     return model, settings

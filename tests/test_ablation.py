@@ -32,14 +32,14 @@ def test_table_lists_every_variant_with_its_figures() -> None:
 def test_an_evaluated_variant_is_reused_not_retrained(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     import json
 
-    import trainer.engine.loop as loop
+    import trainer.evaluation.evaluate as evaluate
     from trainer.evaluation.ablation import run_ablation
     from trainer.evaluation.evaluate import TRAINED
 
     def no_training(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a variant with eval-test.json must not be trained again")
 
-    monkeypatch.setattr(loop, "train", no_training)
+    monkeypatch.setattr(evaluate, "train_and_evaluate", no_training)
     run_dir = tmp_path / "full"
     run_dir.mkdir()
     recalls = {"R@1": 1.0, "R@5": 2.0, "R@10": 44.0, "MdR": 9.0, "MnR": 20.0}

@@ -109,34 +109,30 @@ def test_reference_from_a_checkpoint_installs_and_activates(
 
 
 def test_reference_trains_and_evaluates_once_then_reuses_the_run(
-    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Without --checkpoint: train + evaluate as `medfinder train --evaluate` would (stubbed here: the tiny run
-    stands in for the 15-minute synthetic-cpu one), then export and install; a complete run folder is reused."""
-    from trainer.engine.loop import TrainResult
-
-    calls: list[str] = []
-
-    def fake_train(settings, out_dir, resume=True):
-        calls.append(f"train {settings.model.image.widths} resume={resume}")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_checkpoint, Path(out_dir) / "best.pt")
-        return TrainResult(Path(out_dir), 50.0, 1, 1, 1.0, 1.0)
-
-    def fake_evaluate(checkpoint, split="test", progress=True, **_kwargs):
-        calls.append(f"evaluate {Path(checkpoint).name} {split}")
-        Path(checkpoint).with_name("eval-test.json").write_text("{}")
-
-    monkeypatch.setattr("trainer.engine.loop.train", fake_train)
-    monkeypatch.setattr("trainer.evaluation.evaluate.evaluate_checkpoint", fake_evaluate)
-    for name in ("image_encoder", "text_encoder"):
-        monkeypatch.setattr(f"model_export.bundle_export.export_{name}",
-                            lambda _model, path, *_args, source=tiny_bundle / f"{name}.onnx": shutil.copy(source, path))
+    """Without --checkpoint: a real training run and test evaluation (the tiny preset standing in for the
+    15-minute synthetic-cpu one), a real export with its parity check, install and activate; run again, the
+    complete run folder and the installed bundle are reused and nothing is trained or exported."""
     run_dir, data = tmp_path / "run", tmp_path / "data"
-    command = ["bundle", "reference", "--run-dir", str(run_dir), "--data-dir", str(data)]
+    command = ["bundle", "reference", "--config", "tiny", "--set", f"paths.work_dir={tmp_path / 'work'}",
+               "--set", "train.progress=false", "--run-dir", str(run_dir), "--data-dir", str(data)]
     assert main(command) == 0
-    widths = load_settings("synthetic-cpu").model.image.widths  # trained with the synthetic-cpu preset
-    assert calls == [f"train {widths} resume=True", "evaluate best.pt test"]
-    assert [e.name for e in list_bundles(data) if e.active] == [REFERENCE_NAME]
+    first = capsys.readouterr().out
+    assert "training MedFinder" in first and "[3/3]" in first
+    assert (run_dir / "best.pt").is_file() and (run_dir / "eval-test.json").is_file()
+    (entry,) = list_bundles(data)
+    assert entry.active and entry.name == REFERENCE_NAME and entry.manifest["parity"]["min_cosine"] >= 0.9999
+    assert entry.manifest["metrics"]["test"] is not None  # the evaluation beside best.pt went into the manifest
+    stamp = (run_dir / "best.pt").stat().st_mtime_ns
     assert main(command) == 0
-    assert len(calls) == 2 and len(list_bundles(data)) == 1  # complete run folder, installed bundle: no work
+    second = capsys.readouterr().out
+    assert "no training" in second and "nothing to do" in second
+    assert (run_dir / "best.pt").stat().st_mtime_ns == stamp and len(list_bundles(data)) == 1
+
+
+def test_reference_defaults_to_the_synthetic_cpu_preset() -> None:
+    from config.cli import build_parser
+
+    args = build_parser().parse_args(["bundle", "reference"])
+    assert args.config == "synthetic-cpu"

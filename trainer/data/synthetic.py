@@ -183,10 +183,6 @@ def discover_real_series(ct_root: Path | None) -> list[str]:
     """``<patient>/<folder>`` of the usable real series, without loading pixels (for the cache key)."""
     if ct_root is None or not Path(ct_root).is_dir():
         return []
-    try:
-        import model_export.preprocessing  # noqa: F401
-    except ImportError:
-        return []
     folders = sorted(p for p in Path(ct_root).iterdir() if p.is_dir() and any(p.glob("*.dcm")))
     return [f"{patient_of(p.name)}/{p.name}" for p in folders]
 

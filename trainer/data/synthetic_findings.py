@@ -493,11 +493,10 @@ def _insert_nodes(anatomy: Anatomy, sites: _Sites, rng: np.random.Generator, lat
         texture = value + 6.0 * rng.standard_normal(alpha.shape).astype(np.float32)
         mask = _paint(anatomy.hu, region, alpha, texture, paintable[region])
         side = SIDE_NAMES[code]
-        zone_here = "upper" if zone == "upper" else "lower"
-        station = ("right paratracheal" if side == "right" else "aortopulmonary window") if zone_here == "upper" \
+        station = ("right paratracheal" if side == "right" else "aortopulmonary window") if zone == "upper" \
             else f"{side} hilar"
         lesions.append(
-            Lesion("", "lymphadenopathy", side, zone_here, float(2.0 * radii.min()),
+            Lesion("", "lymphadenopathy", side, zone, float(2.0 * radii.min()),
                    float(value), tuple(float(c) for c in centre), float(mask.sum()) * voxel_ml,  # type: ignore[arg-type]
                    {"station": station}, region, mask)
         )

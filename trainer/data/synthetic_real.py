@@ -219,11 +219,6 @@ def load_real_bank(ct_root: Path | None) -> list[RealSeries]:
     if ct_root is None or not Path(ct_root).is_dir():
         log.warning("synthetic benchmark: no real CT folder (%s); using procedural backgrounds only", ct_root)
         return []
-    try:
-        import model_export.preprocessing  # noqa: F401  (the loader the rest of the project uses)
-    except ImportError as exc:
-        log.warning("synthetic benchmark: model_export.preprocessing unavailable (%s); procedural only", exc)
-        return []
     ct_root = Path(ct_root)
     folders = sorted(p for p in ct_root.iterdir() if p.is_dir() and any(p.glob("*.dcm")))
     by_patient: dict[str, list[Path]] = {}

@@ -87,6 +87,16 @@ def validate(model: MedFinder, cache: TextFeatureCache, arrays: np.ndarray, repo
     return text_image_metrics(texts, images, settings.eval.recall_ks)
 
 
+def load_trained_model(checkpoint: Path) -> tuple[MedFinder, dict[str, Any], Settings]:
+    """A checkpoint's model in eval mode on the CPU (frozen text tower rebuilt from its settings), its raw state
+    and its settings: the one way evaluation and export read a training run."""
+    state = load_checkpoint(checkpoint)
+    settings = Settings.model_validate(state["settings"])
+    model = build_model(settings)
+    model.load_trainable_state_dict(state["model"])
+    return model.eval(), state, settings
+
+
 def train(settings: Settings, out_dir: Path, resume: bool = True) -> TrainResult:
     """Train, validate and checkpoint; ``resume`` continues from ``out_dir/last.pt`` when it exists."""
     context = init_distributed(settings.train.device)

@@ -71,8 +71,7 @@ def logged_training_minutes(metrics_log: Path) -> float | None:
 
 def run_ablation(base: Settings, out_dir: Path, variants: list[str]) -> list[dict[str, Any]]:
     """Train and evaluate each variant in ``out_dir/<variant>``; writes ``out_dir/ablation.json``."""
-    from trainer.engine.loop import train
-    from trainer.evaluation.evaluate import evaluate_checkpoint
+    from trainer.evaluation.evaluate import train_and_evaluate
 
     rows = []
     for name in variants:
@@ -86,8 +85,7 @@ def run_ablation(base: Settings, out_dir: Path, variants: list[str]) -> list[dic
             row = summarise(name, payload)
             row["train_minutes"] = logged_training_minutes(run_dir / "metrics.jsonl")
         else:
-            result = train(variant_settings(base, VARIANTS[name]), run_dir)
-            payload = evaluate_checkpoint(run_dir / "best.pt", progress=base.train.progress)
+            result, payload = train_and_evaluate(variant_settings(base, VARIANTS[name]), run_dir)
             row = summarise(name, payload)
             row["train_minutes"] = round(result.seconds / 60, 2)
         rows.append(row)

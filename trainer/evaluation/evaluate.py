@@ -20,9 +20,8 @@ from config import Settings
 from trainer.data.row_checks import RowPolicy
 from trainer.data.sources import cache_dir_for, manifest_rows, resolve_manifest
 from trainer.data.volumes import VolumeSet, load_volume_set
-from trainer.engine.checkpoint import load_checkpoint
 from trainer.engine.embedding import embed_reports, embed_volume_arrays
-from trainer.engine.loop import build_model, seed_everything
+from trainer.engine.loop import TrainResult, build_model, load_trained_model, seed_everything, train
 from trainer.engine.text_features import TextFeatureCache
 from trainer.evaluation.metrics import evaluate_embeddings, image_to_image_precision
 from trainer.evaluation.report import (
@@ -77,16 +76,14 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split``; print the tables and write ``eval-<split>.json`` beside it."""
-    state = load_checkpoint(checkpoint)
-    settings = Settings.model_validate(state["settings"])
+    model, state, settings = load_trained_model(checkpoint)
     if manifest is not None:
         settings.data.manifest = manifest
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = RowPolicy(settings.data.on_bad_row)
     gallery = load_gallery(settings, split, policy, progress)
 
-    model = build_model(settings).to(device)
-    model.load_trainable_state_dict(state["model"])
+    model = model.to(device)
     results: dict[str, Any] = {TRAINED: embed_and_score(model, gallery, settings, device)}
     if baselines:
         seed_everything(settings.train.seed)
@@ -113,6 +110,13 @@ def evaluate_checkpoint(
     print(tables)
     print(f"results written to {out}")
     return payload
+
+
+def train_and_evaluate(settings: Settings, run_dir: Path, resume: bool = True) -> tuple[TrainResult, dict[str, Any]]:
+    """Train into ``run_dir``, then evaluate its ``best.pt`` on the test split (``eval-test.json`` beside it)."""
+    result = train(settings, run_dir, resume=resume)
+    payload = evaluate_checkpoint(Path(run_dir) / "best.pt", split="test", progress=settings.train.progress)
+    return result, payload
 
 
 def render_tables(payload: dict[str, Any]) -> str:
