@@ -14,3 +14,7 @@ ENTRYPOINT ["medfinder"]
 
 FROM runtime AS train
 RUN pip install --no-cache-dir ".[train]"
+
+# GPU embedding worker: onnxruntime-gpu replaces onnxruntime (never both in one environment).
+FROM runtime AS gpu
+RUN pip uninstall -y onnxruntime && pip install --no-cache-dir onnxruntime-gpu==1.31.1

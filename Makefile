@@ -1,26 +1,29 @@
 # MedFinder Node — fresh-machine entry points (see README):
 #   make setup   idempotent: apt packages the project needs, .venv/ with the project installed
-#   make run     the main job on embedded defaults
+#   make run     the DICOM node on embedded defaults (builds the reference bundle first if none is active)
+#   make train   the synthetic benchmark training + evaluation (the trainer's demo run)
 #   make test    the test suite
 #   make bench   the benchmarks (figures printed)
-#   make bundle  the reference model bundle: trains like `make run` unless done, exports, installs, activates
+#   make bundle  the reference model bundle: trains like `make train` unless done, exports, installs, activates
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfinder-installed
 APT_STAMP := $(VENV)/.medfinder-apt
-# Debian packages: none are needed by the trainer yet; later services add theirs here.
-APT_PACKAGES ?=
+# Debian packages: dcmtk (storescu/storescp/echoscu/findscu: real DICOM peers in tests and benchmarks), dicom3tools
+# (dciodvfy validates every object we write), redis-server (distributed mode), docker-compose (validates the
+# deployment file; no engine needed).
+APT_PACKAGES ?= dcmtk dicom3tools redis-server docker-compose
 RUN_DIR ?= runs/synthetic-cpu
 
-.PHONY: setup apt run test bench bundle clean
+.PHONY: setup apt run train test bench bundle clean
 
 setup: $(STAMP)
 
 apt: $(APT_STAMP)
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@if [ -n "$(APT_PACKAGES)" ]; then \
 	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then \
@@ -36,7 +39,14 @@ $(STAMP): pyproject.toml $(APT_STAMP)
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 	@touch $@
 
+# The node on embedded defaults; the reference bundle is built first when none is active (once: ~15 min on 2 cores).
+# SERVE_ARGS adds flags, e.g. make run SERVE_ARGS="--allow-ae PACS@10.0.0.5:104 --quiet-seconds 5".
+SERVE_ARGS ?=
 run: setup
+	HF_HUB_OFFLINE=1 $(BIN)/medfinder bundle reference --if-missing --run-dir $(RUN_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/medfinder serve $(SERVE_ARGS)
+
+train: setup
 	HF_HUB_OFFLINE=1 $(BIN)/medfinder train --config synthetic-cpu --out $(RUN_DIR) --evaluate
 
 test: setup

@@ -6,9 +6,10 @@
 
 import sys
 
-from benchmarks import bundle_inference, train_throughput
+from benchmarks import bundle_inference, receive_throughput, train_throughput
 
-BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference}
+BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference,
+              "receive_throughput": receive_throughput}
 
 arguments = sys.argv[1:]
 if arguments:

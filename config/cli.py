@@ -17,7 +17,7 @@ import yaml
 from config.loader import ConfigError, load_settings
 from config.settings import Settings
 
-REGISTRARS = ("trainer.cli", "model_export.cli")
+REGISTRARS = ("trainer.cli", "model_export.cli", "dicom_node.cli")
 
 
 def parse_assignment(text: str) -> dict[str, Any]:

@@ -235,6 +235,170 @@ class EvalSettings(Section):
     batch_size: int = Field(8, ge=1)
 
 
+def _ae_title(value: str) -> str:
+    """An Application Entity title: 1-16 printable ASCII characters, no backslash (PS3.5 AE)."""
+    value = value.strip()
+    if not value or len(value) > 16 or "\\" in value or not value.isascii() or not value.isprintable():
+        raise ValueError(f"AE title must be 1-16 printable ASCII characters without a backslash, got {value!r}")
+    return value
+
+
+class AllowedSource(Section):
+    """A calling AE allowed to send, optionally bound to one source IP; ``port`` is where it takes results."""
+
+    ae_title: str
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @classmethod
+    def parse(cls, text: str) -> "AllowedSource":
+        """``AET``, ``AET@IP`` or ``AET@IP:PORT`` (the command line's ``--allow-ae``)."""
+        ae_title, _, address = text.partition("@")
+        host, _, port = address.partition(":")
+        return cls(ae_title=ae_title, host=host or None, port=int(port) if port else None)
+
+
+class Destination(Section):
+    """A DICOM peer that receives our Structured Reports by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """``AET@HOST:PORT`` (the command line's ``--destination``)."""
+        ae_title, at, address = text.partition("@")
+        host, colon, port = address.rpartition(":")
+        if not at or not colon or not host or not port.isdigit():
+            raise ValueError(f"expected AET@HOST:PORT, got {text!r}")
+        return cls(ae_title=ae_title, host=host, port=int(port))
+
+    @property
+    def label(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class NodeSettings(Section):
+    """The DICOM face: the storage SCP PACS routes CTs to, study assembly and result delivery.
+
+    Files live under ``paths.data_dir`` (spool, quarantine, state database, index, results); that folder is
+    the node's source of truth and must be shared storage when workers run on other machines.
+    """
+
+    ae_title: str = "MEDFINDER"
+    bind: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
+    # Empty = accept any calling AE (logged as a warning at start); otherwise only these, refused at association.
+    allow: list[AllowedSource] = []
+    require_called_ae_title: bool = True
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(0, ge=0)  # 0 = unlimited (fastest with pynetdicom); else bytes
+    network_timeout_s: float = Field(60.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    # C-STORE answers 0xA700 (out of resources; the PACS retries later) while the spool's disk has less free.
+    min_free_disk_mb: float = Field(1024.0, ge=0)
+    # Received objects go straight from the network to a file (constant memory for huge multi-frame objects)
+    # instead of being held in memory until the C-STORE handler runs.
+    stream_to_disk: bool = True
+    # Storage classes other than CT / Enhanced CT: accept and discard them (PACS auto-routing rules are often
+    # broad) or refuse them at association.
+    other_storage: Literal["ignore", "refuse"] = "ignore"
+    # Study assembly: a study is complete when nothing arrived for this long and no association that sent part
+    # of it is still open; per-source overrides by calling AE title.
+    quiet_seconds: float = Field(10.0, gt=0)
+    quiet_seconds_by_source: dict[str, float] = {}
+    # A study whose sender keeps an association open this long after its last instance is processed anyway.
+    max_open_wait_s: float = Field(600.0, gt=0)
+    # Studies whose last instances arrive within this many seconds of each other (a PACS pushing a batch) are all
+    # indexed before any of their SRs is built, so they can name each other; a lone study is not delayed.
+    report_batch_window_s: float = Field(3.0, ge=0)
+    report_max_wait_s: float = Field(120.0, ge=0)
+    # Where Structured Reports go; empty = back to the sending source when its port is configured in `allow`.
+    destinations: list[Destination] = []
+    delivery_attempts: int = Field(5, ge=1)
+    delivery_backoff_s: float = Field(2.0, ge=0)  # doubles after each failed attempt
+    delivery_timeout_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(0.2, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    def quiet_seconds_for(self, calling_ae: str | None) -> float:
+        return self.quiet_seconds_by_source.get(calling_ae or "", self.quiet_seconds)
+
+
+class SeriesSelectionSettings(Section):
+    """Which series of a study is embedded: axial CT with enough slices, no localizers or dose screens."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: int = Field(20, ge=1)
+    max_axial_tilt_deg: float = Field(35.0, ge=0, le=90)  # angle between the slice normal and the patient axis
+    # Any of these values in ImageType, or words in SeriesDescription (case-insensitive), rule a series out.
+    excluded_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "SCREEN SAVE")
+    excluded_descriptions: tuple[str, ...] = ("dose", "protocol", "scout", "localizer", "topogram", "surview",
+                                              "scanogram")
+    # Among eligible series: the one with most slices, then the thinnest slices.
+    prefer: Literal["most_slices", "thinnest"] = "most_slices"
+
+
+class IndexSettings(Section):
+    """The vector index: Qdrant's engine in-process (``edge``) or a Qdrant server (``qdrant``)."""
+
+    backend: Literal["edge", "qdrant"] = "edge"
+    url: str | None = None  # qdrant: http://host:6333 ; ":memory:" or a folder = qdrant-client local mode (tests)
+    api_key: str | None = None
+    collection: str = "medfinder"
+    top_k: int = Field(5, ge=1, le=100)
+    # Similar *other* cases by default: the PACS already shows a patient's own priors.
+    same_patient: Literal["exclude", "include"] = "exclude"
+    hnsw_ef: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> "IndexSettings":
+        if self.backend == "qdrant" and not self.url:
+            raise ValueError("index.backend 'qdrant' needs index.url (http://host:6333, or ':memory:' for tests)")
+        return self
+
+
+class WorkerSettings(Section):
+    """Where embedding runs: threads inside the node (embedded) or Celery workers behind Redis (distributed)."""
+
+    mode: Literal["embedded", "distributed"] = "embedded"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None  # results live in the spool; Celery results are not needed
+    queue: str = "gpu"
+    visibility_timeout_s: int = Field(7200, ge=60)  # above the longest task, or Redis redelivers it
+    task_time_limit_s: int = Field(1800, ge=10)
+    # The node re-sends an embed task whose outcome has not appeared after this long (workers died, queue lost).
+    redispatch_after_s: float = Field(3600.0, gt=0)
+    embedded_threads: int = Field(1, ge=1)
+    onnx_threads: int | None = None
+    providers: list[str] | None = None  # None = CUDA when available, else CPU
+
+
+class ResultSettings(Section):
+    """The Structured Report we send back."""
+
+    # UID root for our SR series/instances; deterministic UIDs are derived under it. Replace with your own.
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    manufacturer: str = "MedFinder Node"
+    institution: str | None = None
+
+
 class Settings(Section):
     """Everything, one object. Build it with :func:`config.load_settings`."""
 
@@ -247,3 +411,8 @@ class Settings(Section):
     optim: OptimSettings = OptimSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    node: NodeSettings = NodeSettings()
+    selection: SeriesSelectionSettings = SeriesSelectionSettings()
+    index: IndexSettings = IndexSettings()
+    workers: WorkerSettings = WorkerSettings()
+    results: ResultSettings = ResultSettings()

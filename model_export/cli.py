@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reference", help="train (synthetic-cpu preset), export, install and activate the demo bundle")
     reference.add_argument("--checkpoint", type=Path, help="install from this checkpoint instead of training")
     reference.add_argument("--run-dir", type=Path, help="training run folder (default <work_dir>/synthetic-cpu)")
+    reference.add_argument("--if-missing", action="store_true",
+                           help="do nothing when a bundle is already active (what `make run` uses)")
     reference.set_defaults(config=REFERENCE_PRESET)
     for parser, handler in ((listing, run_bundle_list), (verify, run_bundle_verify), (activate, run_bundle_activate),
                             (install, run_bundle_install), (reference, run_bundle_reference)):
@@ -205,6 +207,13 @@ def run_bundle_reference(args: argparse.Namespace) -> int:
     from model_export.reference import build_reference_bundle
 
     settings = _registry_settings(args)
+    if args.if_missing:
+        from model_export.registry import active_bundle_id
+
+        active = active_bundle_id(settings)
+        if active is not None:
+            print(f"bundle {active} is active: nothing to build")
+            return 0
     try:
         path = build_reference_bundle(settings, checkpoint=args.checkpoint, run_dir=args.run_dir,
                                       report=lambda line: print(line, flush=True))

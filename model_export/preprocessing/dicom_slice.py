@@ -22,8 +22,8 @@ __all__ = ["DicomSlice", "read_dicom_slice"]
 
 # Hint for the usual reason a JPEG-LS / JPEG lossless file fails: no decoder plugin installed.
 _DECODER_HINT = (
-    "install a decoder plugin for it (e.g. pylibjpeg-libjpeg, pyjpegls or python-gdcm) or have the PACS "
-    "send an uncompressed, JPEG 2000 or RLE transfer syntax"
+    "install a licence-clean decoder plugin for it (pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls or python-gdcm) "
+    "or have the PACS send an uncompressed, JPEG 2000 or RLE transfer syntax"
 )
 
 

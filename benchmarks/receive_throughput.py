@@ -1,0 +1,206 @@
+"""Receive throughput: the node's StorageSCP vs dcmtk ``storescp``, both fed by dcmtk ``storescu``.
+
+One generated CT series (300 slices, 512x512 uint16, valid CT Image Storage headers, Explicit VR Little Endian,
+~157 MB) is sent ``--repeats`` times to each receiver, each run into a fresh data folder on the temp file
+system, all on 127.0.0.1:
+
+* ``ours/stream``: StorageSCP with ``node.stream_to_disk`` (pynetdicom writes the dataset to a file; the
+  handler validates it and renames it into the spool) — the default;
+* ``ours/memory``: StorageSCP holding each dataset in memory, validated and written by the handler;
+* ``dcmtk``: ``storescp -od DIR`` with ``TCP_NODELAY=1`` (DCMTK 3.6.7 otherwise waits ~45 ms per instance).
+
+``TCP_NODELAY=1`` is set for storescu too. Time = storescu's wall time (process start to exit, the same
+overhead for every receiver); the SCPs are started before the clock and every run is checked to have
+received all 300 files. Reports MB/s, slices/s (median of the repeats) and the ratio ours/dcmtk.
+
+    python -m benchmarks receive_throughput [--repeats 3] [--slices 300] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def generate_series(folder: Path, slices: int, size: int = 512) -> int:
+    """Write a synthetic CT series (one study, one series); returns the total bytes of the files."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    base = (rng.normal(1000, 80, (size, size))).clip(0, 4095).astype(np.uint16)
+    total = 0
+    for index in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "BENCH^RECEIVE", "BENCH0001", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "B1", ""
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, index + 1
+        ds.Modality, ds.Manufacturer, ds.PatientPosition = "CT", "MedFinder benchmark", "HFS"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-250.0, -250.0, -index * 1.0]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.9765625, 0.9765625], 1.0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
+        ds.AcquisitionNumber = 1
+        ds.PixelData = np.roll(base, index, axis=0).tobytes()
+        path = folder / f"{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def nodelay_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.3)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def send(port: int, series: Path) -> float:
+    """storescu the whole folder; seconds from start to exit."""
+    started = time.perf_counter()
+    result = subprocess.run(["storescu", "-aet", "BENCH", "-aec", "MEDFINDER", "+sd", "127.0.0.1", str(port),
+                             str(series)], capture_output=True, text=True, env=nodelay_env(), timeout=600)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-1500:]}")
+    return seconds
+
+
+def run_ours(series: Path, work: Path, stream: bool) -> float:
+    from config import load_settings
+    from dicom_node.layout import NodeLayout
+    from dicom_node.scp import StorageSCP
+    from dicom_node.state import StateStore
+
+    data_dir = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
+    settings = load_settings(overrides={"paths": {"data_dir": str(data_dir)}, "node": {
+        "bind": "127.0.0.1", "port": free_port(), "stream_to_disk": stream, "min_free_disk_mb": 0}}, environ={})
+    layout = NodeLayout.create(data_dir)
+    store = StateStore(layout.state_db)
+    scp = StorageSCP(settings, layout, store)
+    scp.start()
+    try:
+        seconds = send(scp.port, series)
+        received = len(list(layout.spool.glob("*/*/*.dcm")))
+    finally:
+        scp.stop()
+        store.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    expected = len(list(series.glob("*.dcm")))
+    if received != expected:
+        raise RuntimeError(f"our SCP spooled {received} of {expected} files")
+    return seconds
+
+
+def run_dcmtk(series: Path, work: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=work, prefix="dcmtk-"))
+    port = free_port()
+    log = open(work / f"storescp-{port}.log", "wb")
+    process = subprocess.Popen(["storescp", "-aet", "MEDFINDER", "-od", str(out), str(port)], stdout=log,
+                               stderr=subprocess.STDOUT, env=nodelay_env())
+    try:
+        wait_port(port)
+        seconds = send(port, series)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+    received = len([p for p in out.iterdir() if p.is_file()])
+    shutil.rmtree(out, ignore_errors=True)
+    expected = len(list(series.glob("*.dcm")))
+    if received != expected:
+        raise RuntimeError(f"storescp wrote {received} of {expected} files")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    missing = [tool for tool in ("storescu", "storescp") if shutil.which(tool) is None]
+    if missing:
+        print(f"receive_throughput: skipped, {', '.join(missing)} not installed (make setup installs dcmtk)")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("dicom_node").setLevel(logging.ERROR)  # the open allow-list warning, once per run
+    with tempfile.TemporaryDirectory(prefix="medfinder-receive-bench-") as tmp:
+        work = Path(tmp)
+        series = work / "series"
+        total_bytes = generate_series(series, args.slices)
+        receivers = {"ours/stream": lambda: run_ours(series, work, True),
+                     "ours/memory": lambda: run_ours(series, work, False),
+                     "dcmtk": lambda: run_dcmtk(series, work)}
+        for run in receivers.values():  # warm-up: page cache, imports, dcmtk dictionaries
+            run()
+        times: dict[str, list[float]] = {name: [] for name in receivers}
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every receiver alike
+            for name, run in receivers.items():
+                times[name].append(run())
+    megabytes = total_bytes / 1e6
+    rows: dict[str, dict[str, Any]] = {}
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        rows[name] = {"seconds_median": median, "seconds": seconds, "mb_per_s": megabytes / median,
+                      "slices_per_s": args.slices / median}
+    for name, row in rows.items():
+        row["ratio_vs_dcmtk"] = row["mb_per_s"] / rows["dcmtk"]["mb_per_s"]
+    print(f"Receive throughput: {args.slices} slices 512x512 uint16 ({megabytes:.1f} MB), storescu -> receiver "
+          f"on 127.0.0.1, TCP_NODELAY=1, median of {args.repeats}")
+    print(f"{'receiver':12} {'s':>7} {'MB/s':>8} {'slices/s':>9} {'ours/dcmtk':>10}")
+    for name, row in rows.items():
+        print(f"{name:12} {row['seconds_median']:7.2f} {row['mb_per_s']:8.1f} {row['slices_per_s']:9.1f} "
+              f"{row['ratio_vs_dcmtk']:10.2f}")
+    result = {"benchmark": "receive_throughput", "slices": args.slices, "bytes": total_bytes,
+              "repeats": args.repeats, "python": sys.version.split()[0], "receivers": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The storage SCP PACS route CTs to: pynetdicom AE with Verification and CT storage, source control at
+association, and a C-STORE handler that only validates and writes (:class:`dicom_node.ingest.Ingestor`).
+
+Source control happens during association negotiation, so an unknown source gets an A-ASSOCIATE-RJ
+(permanent, "calling AE title not recognized") and never a chance to send: pynetdicom's own
+``require_calling_aet`` checks the AE title only, so the acceptor's ACSE is extended, per association, to
+check the (calling AE, peer IP) pair against ``node.allow`` before pynetdicom's own checks run. Storage
+classes other than CT are negotiated only with ``node.other_storage: ignore`` (accepted, answered with success,
+not kept); with ``refuse`` their presentation contexts are rejected during association negotiation.
+
+Each association runs in its own thread (pynetdicom), so a C-ECHO is never queued behind another sender's
+C-STOREs. With ``node.stream_to_disk`` pynetdicom writes each received dataset straight to a temp file (memory
+stays flat for huge objects) and the handler moves that file into the spool. pynetdicom 3.0.4 puts it in the
+system temp folder (``TMPDIR``): on the data folder's file system the move is a rename, elsewhere a copy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from config.settings import AllowedSource, Settings
+from dicom_node.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
+from dicom_node.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
+from dicom_node.layout import NodeLayout
+from dicom_node.state import InstanceRecord, StateStore
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _normal_ip(text: str) -> str:
+    """An IP address in one canonical form (IPv4-mapped IPv6 as plain IPv4)."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def _resolve(host: str) -> set[str]:
+    """The addresses of an allow-list host (an IP, or a name resolved once at start)."""
+    try:
+        return {_normal_ip(host)}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as error:
+        logger.error("event=allow_host_unresolved host=%s error=%r consequence='source refused'", host, str(error))
+        return set()
+    return {_normal_ip(str(info[4][0])) for info in infos}
+
+
+class SourcePolicy:
+    """The calling-AE allow-list with optional source IP binding (empty = everyone is allowed)."""
+
+    def __init__(self, allow: list[AllowedSource]) -> None:
+        # AE title -> allowed peer IPs (None = any IP)
+        self._rules: dict[str, set[str] | None] = {}
+        for source in allow:
+            title = source.ae_title.strip()
+            if source.host is None:
+                self._rules[title] = None
+            elif self._rules.get(title, set()) is not None:
+                self._rules[title] = (self._rules.get(title) or set()) | _resolve(source.host)
+
+    @property
+    def open(self) -> bool:
+        return not self._rules
+
+    def refusal(self, calling_ae: str, peer_ip: str) -> str | None:
+        """Why this source is refused, or None when it may associate."""
+        if self.open:
+            return None
+        title = calling_ae.strip()
+        if title not in self._rules:
+            return "calling AE title not in the allow-list"
+        addresses = self._rules[title]
+        if addresses is None:
+            return None
+        try:
+            ip = _normal_ip(peer_ip)
+        except ValueError:
+            return "peer address not an IP"
+        return None if ip in addresses else "calling AE title not allowed from this IP address"
+
+
+class _SourceCheckingACSE(ACSE):
+    """pynetdicom's ACSE plus the (calling AE, peer IP) check, answered with A-ASSOCIATE-RJ."""
+
+    policy: SourcePolicy
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = self.requestor.primitive
+        calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
+        peer_ip = str(self.requestor.address)
+        why = self.policy.refusal(calling_ae, peer_ip)
+        if why is None:
+            super()._negotiate_as_acceptor()
+            return
+        self.requestor.ae_title = calling_ae
+        logger.warning("event=association_rejected calling_ae=%s peer_ip=%s reason=%r", calling_ae, peer_ip, why)
+        # Rejected-permanent, source: service user, reason: calling AE title not recognized (PS3.8 9.3.4)
+        self.send_reject(0x01, 0x01, 0x03)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+def _request_handler(policy: SourcePolicy) -> type[RequestHandler]:
+    """A pynetdicom request handler whose associations use :class:`_SourceCheckingACSE`."""
+
+    class SourceCheckingRequestHandler(RequestHandler):
+        def _create_association(self) -> Any:
+            assoc = super()._create_association()
+            acse = _SourceCheckingACSE(assoc)
+            acse.policy = policy
+            assoc.acse = acse
+            return assoc
+
+    return SourceCheckingRequestHandler
+
+
+class StorageSCP:
+    """The node's DICOM listener: ``start()`` returns once it accepts associations; ``stop()`` ends them."""
+
+    def __init__(self, settings: Settings, layout: NodeLayout, store: StateStore,
+                 on_stored: Callable[[InstanceRecord], None] | None = None) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.store = store
+        self.on_stored = on_stored
+        self.ingestor = Ingestor(settings, layout, store)
+        self.policy = SourcePolicy(settings.node.allow)
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, set[str]] = {}  # id(association) -> study UIDs it stored
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    def build_ae(self) -> AE:
+        """The pynetdicom AE with this node's contexts, limits and timeouts."""
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.require_called_aet = node.require_called_ae_title
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.add_supported_context(VERIFICATION)
+        syntaxes = list(ACCEPTED_TRANSFER_SYNTAXES)
+        for sop_class in CT_STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        if node.other_storage == "ignore":
+            for context in AllStoragePresentationContexts:
+                if context.abstract_syntax not in CT_STORAGE_CLASSES:
+                    ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the SCP is already started")
+        node = self.settings.node
+        check_decoders()
+        if self.policy.open:
+            logger.warning("event=allow_list_empty consequence='any calling AE may send' "
+                           "hint='set node.allow or --allow-ae AET[@IP]'")
+        # pynetdicom's switch is process-wide: one process runs one StorageSCP (tests run them one at a time).
+        _config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
+        ae = self.build_ae()
+        handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_CONN_CLOSE, self._on_conn_close)]
+        server = ae.make_server((node.bind, node.port), evt_handlers=handlers,
+                                server_class=ThreadedAssociationServer, request_handler=_request_handler(self.policy))
+        ae._servers.append(server)  # as ae.start_server() does, so that server.shutdown() and ae.shutdown() work
+        self._ae = ae
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
+        self._thread.start()
+        logger.info("event=scp_ready ae_title=%s bind=%s port=%d allow=%d other_storage=%s max_associations=%d",
+                    node.ae_title, node.bind, self.port, len(node.allow), node.other_storage, node.max_associations)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        assert self._ae is not None
+        self._ae.shutdown()  # aborts open associations, stops and closes the listening socket
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        logger.info("event=scp_stopped counts=%s", dict(self.ingestor.counts))
+
+    def studies_in_flight(self) -> set[str]:
+        """Study UIDs that received instances on associations still open (not yet complete)."""
+        with self._lock:
+            return set().union(*self._in_flight.values()) if self._in_flight else set()
+
+    # --- handlers (run in the association's thread) ---------------------------------------------------
+
+    def _on_c_store(self, event: Any) -> Dataset:
+        assoc = event.assoc
+        request = event.request
+        calling_ae = str(assoc.requestor.ae_title).strip()
+        peer_ip = str(assoc.requestor.address)
+        arguments = {"calling_ae": calling_ae, "peer_ip": peer_ip,
+                     "sop_class_uid": str(request.AffectedSOPClassUID or ""),
+                     "sop_instance_uid": str(request.AffectedSOPInstanceUID or "")}
+        try:
+            if self.settings.node.stream_to_disk:
+                outcome = self.ingestor.store_file(event.dataset_path, **arguments)
+            else:
+                outcome = self.ingestor.store_encoded(event.encoded_dataset(include_meta=True), **arguments)
+        except Exception:  # noqa: BLE001 - answer the sender; a bug must not look like success
+            logger.exception("event=store_error calling_ae=%s sop_uid=%s", calling_ae,
+                             arguments["sop_instance_uid"])
+            outcome = IngestOutcome(0xA700, "internal error while storing; retry later")
+        if outcome.ok and outcome.record is not None:
+            with self._lock:
+                self._in_flight.setdefault(id(assoc), set()).add(outcome.record.study_uid)
+            if not outcome.duplicate and self.on_stored is not None:
+                try:
+                    self.on_stored(outcome.record)
+                except Exception:  # noqa: BLE001 - the object is stored; a listener's bug must not fail it
+                    logger.exception("event=on_stored_error sop_uid=%s", outcome.record.sop_uid)
+        response = Dataset()
+        response.Status = outcome.status
+        if outcome.comment and not outcome.ok:
+            response.ErrorComment = outcome.comment[:64]
+        return response
+
+    def _on_conn_close(self, event: Any) -> None:
+        with self._lock:
+            studies = self._in_flight.pop(id(event.assoc), None)
+        if studies:
+            logger.info("event=association_closed calling_ae=%s peer_ip=%s studies=%d",
+                        str(event.assoc.requestor.ae_title).strip(), event.assoc.requestor.address, len(studies))

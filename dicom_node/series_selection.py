@@ -1,0 +1,167 @@
+"""Which series of a received study gets embedded, and why.
+
+A routed CT study usually holds several series: the axial reconstructions we want, but also localizers
+(scouts), dose screens, coronal/sagittal reformats and thin/thick duplicates. The rules (configurable in
+``selection``) keep axial CT series with enough slices that are neither localizers nor dose/protocol screens,
+then prefer the one with most slices (or the thinnest). Every candidate's verdict is kept so that
+``medfinder studies`` can say why a study was not embedded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from config.settings import SeriesSelectionSettings
+
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+HEADER_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ImageOrientationPatient",
+               "SliceThickness", "SOPClassUID", "NumberOfFrames", "SeriesNumber")
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """What the headers of one spooled series say (read without pixel data)."""
+
+    series_uid: str
+    folder: Path
+    n_instances: int
+    modality: str
+    description: str
+    image_types: tuple[str, ...]
+    axial_tilt_deg: float | None  # angle between the slice normal and the patient's head-foot axis
+    slice_thickness: float | None
+    sop_class_uid: str
+    series_number: int | None = None
+    unreadable: int = 0
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    series_uid: str
+    eligible: bool
+    reason: str
+    n_instances: int
+    description: str
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """The chosen series (None when nothing qualifies), one sentence why, and each candidate's verdict."""
+
+    series_uid: str | None
+    reason: str
+    verdicts: tuple[SeriesVerdict, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"series_uid": self.series_uid, "reason": self.reason, "candidates": [asdict(v) for v in self.verdicts]}
+
+
+def _tilt_degrees(orientation: Any) -> float | None:
+    try:
+        values = np.asarray([float(v) for v in orientation], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if values.shape != (6,):
+        return None
+    normal = np.cross(values[:3], values[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
+
+
+def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
+    """Group spooled files by series folder and summarise each from its headers."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for path in files:
+        by_folder[Path(path).parent].append(Path(path))
+    summaries = []
+    for folder, paths in sorted(by_folder.items()):
+        header, unreadable, frames = None, 0, 0
+        for path in sorted(paths):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            except (InvalidDicomError, OSError, ValueError) as error:  # spooled files were validated: rare
+                unreadable += 1
+                del error
+                continue
+            header = header or ds
+            frames += int(ds.get("NumberOfFrames", 1) or 1)
+        if header is None:
+            summaries.append(SeriesSummary(folder.name, folder, 0, "", "", (), None, None, "", None, unreadable))
+            continue
+        thickness = header.get("SliceThickness")
+        number = header.get("SeriesNumber")
+        summaries.append(SeriesSummary(
+            series_uid=str(header.get("SeriesInstanceUID", folder.name)),
+            folder=folder,
+            n_instances=frames,
+            modality=str(header.get("Modality", "")),
+            description=str(header.get("SeriesDescription", "")),
+            image_types=tuple(str(v).upper() for v in (header.get("ImageType") or [])),
+            axial_tilt_deg=_tilt_degrees(header.get("ImageOrientationPatient")),
+            slice_thickness=float(thickness) if thickness not in (None, "") else None,
+            sop_class_uid=str(header.get("SOPClassUID", "")),
+            series_number=int(number) if number not in (None, "") else None,
+            unreadable=unreadable,
+        ))
+    return summaries
+
+
+def judge_series(summary: SeriesSummary, rules: SeriesSelectionSettings) -> SeriesVerdict:
+    """One series against the rules: eligible, or the first rule it breaks."""
+    def verdict(eligible: bool, reason: str) -> SeriesVerdict:
+        return SeriesVerdict(summary.series_uid, eligible, reason, summary.n_instances, summary.description)
+
+    if summary.n_instances == 0:
+        return verdict(False, f"no readable instance ({summary.unreadable} unreadable)")
+    if summary.modality not in rules.modalities:
+        return verdict(False, f"modality {summary.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
+    if summary.sop_class_uid == ENHANCED_CT_STORAGE:
+        return verdict(False, "Enhanced CT (multi-frame) is stored but not embedded yet")
+    excluded_types = [t for t in rules.excluded_image_types if t.upper() in summary.image_types]
+    if excluded_types:
+        return verdict(False, f"image type {'/'.join(summary.image_types)} marks a {excluded_types[0].lower()}")
+    words = summary.description.lower()
+    excluded_words = [w for w in rules.excluded_descriptions if w.lower() in words]
+    if excluded_words:
+        return verdict(False, f"series description mentions {excluded_words[0]!r}")
+    if summary.axial_tilt_deg is None:
+        return verdict(False, "no usable ImageOrientationPatient")
+    if summary.axial_tilt_deg > rules.max_axial_tilt_deg:
+        return verdict(False, f"not axial: slice normal {summary.axial_tilt_deg:.0f} deg from the patient axis "
+                              f"(limit {rules.max_axial_tilt_deg:.0f})")
+    if summary.n_instances < rules.min_slices:
+        return verdict(False, f"only {summary.n_instances} slice(s), need at least {rules.min_slices}")
+    return verdict(True, f"axial {summary.modality}, {summary.n_instances} slices")
+
+
+def choose_series(summaries: list[SeriesSummary], rules: SeriesSelectionSettings) -> SeriesChoice:
+    """The series to embed, by the rules, with every candidate's verdict."""
+    verdicts = tuple(judge_series(s, rules) for s in summaries)
+    eligible = [s for s, v in zip(summaries, verdicts) if v.eligible]
+    if not eligible:
+        detail = "; ".join(f"series {v.series_uid[-12:]}: {v.reason}" for v in verdicts) or "the study has no series"
+        return SeriesChoice(None, f"no series qualifies for embedding ({detail})", verdicts)
+
+    def thickness(s: SeriesSummary) -> float:
+        return s.slice_thickness if s.slice_thickness and s.slice_thickness > 0 else math.inf
+
+    if rules.prefer == "thinnest":
+        best = min(eligible, key=lambda s: (thickness(s), -s.n_instances, s.series_uid))
+        why = "thinnest slices"
+    else:
+        best = min(eligible, key=lambda s: (-s.n_instances, thickness(s), s.series_uid))
+        why = "most slices"
+    reason = (f"series {best.series_uid} ({best.description or 'no description'}): {best.n_instances} slices; "
+              f"{why} of {len(eligible)} eligible of {len(summaries)}")
+    return SeriesChoice(best.series_uid, reason, verdicts)

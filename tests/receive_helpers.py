@@ -1,0 +1,140 @@
+"""Helpers for the receive-side tests: an in-process StorageSCP on a free 127.0.0.1 port, a pynetdicom SCU that
+sends files as they are (so broken objects reach the SCP unchanged), and Part 10 byte helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config
+
+from config import load_settings
+from config.settings import Settings
+from dicom_node.layout import NodeLayout
+from dicom_node.scp import StorageSCP
+from dicom_node.state import InstanceRecord, StateStore
+from node_helpers import free_port, nodelay_env, port_open, require_tools, stop_process, wait_for
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def receive_settings(data_dir: Path, **node: Any) -> Settings:
+    """Node settings for a test SCP: 127.0.0.1, a free port, no disk watermark unless asked."""
+    values: dict[str, Any] = {"bind": "127.0.0.1", "port": free_port(), "min_free_disk_mb": 0,
+                              "network_timeout_s": 20, "dimse_timeout_s": 20, "acse_timeout_s": 20}
+    values.update(node)
+    return load_settings(overrides={"paths": {"data_dir": str(data_dir)}, "node": values}, environ={})
+
+
+@dataclass
+class RunningSCP:
+    scp: StorageSCP
+    layout: NodeLayout
+    store: StateStore
+    settings: Settings
+    stored: list[InstanceRecord] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+
+@contextlib.contextmanager
+def running_scp(data_dir: Path, **node: Any) -> Iterator[RunningSCP]:
+    """A started StorageSCP (stopped, and its store closed, on exit)."""
+    settings = receive_settings(data_dir, **node)
+    layout = NodeLayout.create(data_dir)
+    store = StateStore(layout.state_db)
+    stored: list[InstanceRecord] = []
+    scp = StorageSCP(settings, layout, store, on_stored=stored.append)
+    scp.start()
+    try:
+        yield RunningSCP(scp, layout, store, settings, stored)
+    finally:
+        scp.stop()
+        store.close()
+
+
+def send_files(port: int, files: list[Path], *, calling_ae: str = "PYSCU", called_ae: str = "MEDFINDER",
+               sop_class: str = CT_IMAGE_STORAGE, transfer_syntaxes: list[str] | None = None,
+               keep_open: Any = None) -> list[int | None]:
+    """C-STORE each file *as it is on disk* (pynetdicom reads only its file meta); returns the statuses
+    (None: no response). ``keep_open(assoc)`` runs after the sends, before the release."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    for syntax in transfer_syntaxes or ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"]:
+        ae.add_requested_context(sop_class, syntax)  # one context each: sent exactly as in the file
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    statuses: list[int | None] = []
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's dataset bytes unparsed (UIDs from its file meta)
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            statuses.append(int(status.Status) if "Status" in status else None)
+        if keep_open is not None:
+            keep_open(assoc)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    return statuses
+
+
+def send_dataset(port: int, dataset: Dataset, *, calling_ae: str = "PYSCU",
+                 called_ae: str = "MEDFINDER") -> int | None:
+    """C-STORE one in-memory dataset (Explicit VR Little Endian); None when no context was accepted."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(dataset.SOPClassUID, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if assoc.is_rejected:
+        raise ConnectionError("association rejected")
+    if not assoc.is_established:  # pynetdicom aborts an association without any accepted context
+        return None
+    try:
+        status = assoc.send_c_store(dataset)
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def meta_end(data: bytes) -> int:
+    """Offset where the dataset starts in a Part 10 file (after preamble, 'DICM' and the file meta group)."""
+    if data[128:132] != b"DICM":
+        raise ValueError("not a Part 10 file with a preamble")
+    tag, vr, _length = struct.unpack("<I2sH", data[132:140])
+    if tag != 0x00000002 or vr != b"UL":  # (0002,0000) read as group 2, element 0 in little-endian order
+        raise ValueError("file meta does not start with its group length")
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return 144 + group_length
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a Part 10 file: what travels over the network in a C-STORE."""
+    data = path.read_bytes()
+    return data[meta_end(data):]
+
+
+@contextlib.contextmanager
+def bit_preserving_storescp(out_dir: Path, *options: str) -> Iterator[int]:
+    """dcmtk storescp writing what it receives byte for byte (+B), with extra transfer syntax options;
+    yields its port (127.0.0.1, free)."""
+    require_tools("storescp")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(out_dir.parent / f"storescp-{port}.log", "wb") as log:
+        process = subprocess.Popen(["storescp", "-aet", "MEDFINDER", "-od", str(out_dir), "+B", *options,
+                                    str(port)], stdout=log, stderr=subprocess.STDOUT, env=nodelay_env())
+        try:
+            wait_for(lambda: port_open(port), 20, f"storescp on port {port}")
+            yield port
+        finally:
+            stop_process(process)
