@@ -6,10 +6,10 @@
 
 import sys
 
-from benchmarks import bundle_inference, receive_throughput, train_throughput
+from benchmarks import bundle_inference, receive_throughput, study_latency, train_throughput
 
 BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference,
-              "receive_throughput": receive_throughput}
+              "receive_throughput": receive_throughput, "study_latency": study_latency}
 
 arguments = sys.argv[1:]
 if arguments:

@@ -23,7 +23,6 @@ import sqlite3
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -243,17 +243,16 @@ def _ae_title(value: str) -> str:
     return value
 
 
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
 class AllowedSource(Section):
     """A calling AE allowed to send, optionally bound to one source IP; ``port`` is where it takes results."""
 
-    ae_title: str
+    ae_title: AETitle
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
 
-    @field_validator("ae_title")
-    @classmethod
-    def _valid_ae_title(cls, value: str) -> str:
-        return _ae_title(value)
 
     @classmethod
     def parse(cls, text: str) -> "AllowedSource":
@@ -266,14 +265,10 @@ class AllowedSource(Section):
 class Destination(Section):
     """A DICOM peer that receives our Structured Reports by C-STORE."""
 
-    ae_title: str
+    ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
 
-    @field_validator("ae_title")
-    @classmethod
-    def _valid_ae_title(cls, value: str) -> str:
-        return _ae_title(value)
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
@@ -296,7 +291,7 @@ class NodeSettings(Section):
     the node's source of truth and must be shared storage when workers run on other machines.
     """
 
-    ae_title: str = "MEDFINDER"
+    ae_title: AETitle = "MEDFINDER"
     bind: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)  # 0 = any free port (tests)
     # Empty = accept any calling AE (logged as a warning at start); otherwise only these, refused at association.
@@ -332,10 +327,6 @@ class NodeSettings(Section):
     delivery_timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.2, gt=0)
 
-    @field_validator("ae_title")
-    @classmethod
-    def _valid_ae_title(cls, value: str) -> str:
-        return _ae_title(value)
 
     def quiet_seconds_for(self, calling_ae: str | None) -> float:
         return self.quiet_seconds_by_source.get(calling_ae or "", self.quiet_seconds)

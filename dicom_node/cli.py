@@ -58,10 +58,19 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
                                            "default paths.data_dir")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from model_export.errors import BundleError
-    from dicom_node.node import Node
+# pynetdicom logs every C-STORE at INFO and dumps whole datasets (names, ids) at DEBUG; highdicom narrates
+# every copied module. Our own event= lines say what an operator needs, without PHI.
+CHATTY_LOGGERS = ("pynetdicom", "highdicom")
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from dicom_node.node import Node
+    from model_export.errors import BundleError
+
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     settings = node_settings(args)
     try:
         node = Node(settings)

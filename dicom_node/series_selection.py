@@ -90,9 +90,8 @@ def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
         for path in sorted(paths):
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-            except (InvalidDicomError, OSError, ValueError) as error:  # spooled files were validated: rare
+            except (InvalidDicomError, OSError, ValueError):  # spooled files were validated: rare
                 unreadable += 1
-                del error
                 continue
             header = header or ds
             frames += int(ds.get("NumberOfFrames", 1) or 1)

@@ -21,6 +21,8 @@ rebuilding a result version gives the same SOP Instance UID and a re-send is a h
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -170,6 +172,23 @@ def _contributing_equipment(settings: ResultSettings, bundle_id: str, bundle_nam
     return item
 
 
+def _comprehensive_3d_sr(evidence: Dataset, root: ContainerContentItem, settings: ResultSettings, study_uid: str,
+                         bundle_id: str, result_version: int) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
+        evidence=[evidence],
+        content=root,
+        series_instance_uid=sr_series_uid(settings, study_uid, bundle_id),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid(settings, study_uid, bundle_id, result_version),
+        instance_number=int(result_version),
+        manufacturer=settings.manufacturer,
+        institution_name=settings.institution,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
 def build_similar_case_sr(query_instance: pydicom.Dataset, matches: Sequence[SimilarCase], *, bundle_id: str,
                           bundle_name: str, bundle_version: str, result_version: int,
                           settings: ResultSettings) -> pydicom.Dataset:
@@ -207,19 +226,10 @@ def build_similar_case_sr(query_instance: pydicom.Dataset, matches: Sequence[Sim
         *(_case_container(case) for case in cases),
     ]
 
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[evidence],
-        content=root,
-        series_instance_uid=sr_series_uid(settings, study_uid, bundle_id),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sr_instance_uid(settings, study_uid, bundle_id, result_version),
-        instance_number=int(result_version),
-        manufacturer=settings.manufacturer,
-        institution_name=settings.institution,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
+    with warnings.catch_warnings():
+        # highdicom warns about oddly formed patient names *with the name in the message*: keep PHI out of logs.
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        sr = _comprehensive_3d_sr(evidence, root, settings, study_uid, bundle_id, result_version)
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.SoftwareVersions = _node_version()
     sr.CodingSchemeIdentificationSequence = [*sr.get("CodingSchemeIdentificationSequence", []), *_coding_schemes()]

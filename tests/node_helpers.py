@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -63,13 +64,15 @@ def nodelay_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def storescp(out_dir: Path, ae_title: str = "PACS", port: int | None = None) -> Iterator[int]:
-    """dcmtk storescp as the PACS that receives our SRs (on ``port`` or a free one); yields its port."""
+def storescp(out_dir: Path, ae_title: str = "PACS", port: int | None = None,
+             options: Sequence[str] = ()) -> Iterator[int]:
+    """dcmtk storescp (a PACS) writing what it receives byte for byte (+B) into ``out_dir``, on ``port`` or a
+    free one, with extra storescp ``options``; yields its port."""
     require_tools("storescp")
     out_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = open(out_dir.parent / f"storescp-{port}.log", "wb")
-    process = subprocess.Popen(["storescp", "-aet", ae_title, "-od", str(out_dir), "+B", "-v",
+    process = subprocess.Popen(["storescp", "-aet", ae_title, "-od", str(out_dir), "+B", "-v", *options,
                                 str(port)], stdout=log, stderr=subprocess.STDOUT, env=nodelay_env())
     try:
         wait_for(lambda: port_open(port), 20, f"storescp on port {port}")
@@ -77,6 +80,31 @@ def storescp(out_dir: Path, ae_title: str = "PACS", port: int | None = None) -> 
     finally:
         stop_process(process)
         log.close()
+
+
+def meta_end(data: bytes) -> int:
+    """Offset where the dataset starts in a Part 10 file (after preamble, 'DICM' and the file meta group)."""
+    if data[128:132] != b"DICM":
+        raise ValueError("not a Part 10 file with a preamble")
+    tag, vr, _length = struct.unpack("<I2sH", data[132:140])
+    if tag != 0x00000002 or vr != b"UL":  # (0002,0000) read as group 2, element 0 in little-endian order
+        raise ValueError("file meta does not start with its group length")
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return 144 + group_length
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a Part 10 file: what travels over the network in a C-STORE."""
+    data = path.read_bytes()
+    return data[meta_end(data):]
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """dicom3tools' validator on one file: (error lines, warning lines). It exits 0 even with errors."""
+    require_tools("dciodvfy")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
 
 
 def port_open(port: int) -> bool:

@@ -4,8 +4,6 @@ sends files as they are (so broken objects reach the SCP unchanged), and Part 10
 from __future__ import annotations
 
 import contextlib
-import struct
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from config.settings import Settings
 from dicom_node.layout import NodeLayout
 from dicom_node.scp import StorageSCP
 from dicom_node.state import InstanceRecord, StateStore
-from node_helpers import free_port, nodelay_env, port_open, require_tools, stop_process, wait_for
+from node_helpers import free_port
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -104,37 +102,3 @@ def send_dataset(port: int, dataset: Dataset, *, calling_ae: str = "PYSCU",
         return int(status.Status) if "Status" in status else None
     finally:
         assoc.release()
-
-
-def meta_end(data: bytes) -> int:
-    """Offset where the dataset starts in a Part 10 file (after preamble, 'DICM' and the file meta group)."""
-    if data[128:132] != b"DICM":
-        raise ValueError("not a Part 10 file with a preamble")
-    tag, vr, _length = struct.unpack("<I2sH", data[132:140])
-    if tag != 0x00000002 or vr != b"UL":  # (0002,0000) read as group 2, element 0 in little-endian order
-        raise ValueError("file meta does not start with its group length")
-    (group_length,) = struct.unpack("<I", data[140:144])
-    return 144 + group_length
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The dataset part of a Part 10 file: what travels over the network in a C-STORE."""
-    data = path.read_bytes()
-    return data[meta_end(data):]
-
-
-@contextlib.contextmanager
-def bit_preserving_storescp(out_dir: Path, *options: str) -> Iterator[int]:
-    """dcmtk storescp writing what it receives byte for byte (+B), with extra transfer syntax options;
-    yields its port (127.0.0.1, free)."""
-    require_tools("storescp")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    with open(out_dir.parent / f"storescp-{port}.log", "wb") as log:
-        process = subprocess.Popen(["storescp", "-aet", "MEDFINDER", "-od", str(out_dir), "+B", *options,
-                                    str(port)], stdout=log, stderr=subprocess.STDOUT, env=nodelay_env())
-        try:
-            wait_for(lambda: port_open(port), 20, f"storescp on port {port}")
-            yield port
-        finally:
-            stop_process(process)

@@ -97,3 +97,22 @@ def test_python_m_config_prints_effective_settings() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "epochs: 9" in result.stdout
+
+
+def test_node_sources_and_destinations_parse_the_command_line_forms() -> None:
+    from config.settings import AllowedSource, Destination
+
+    assert AllowedSource.parse("PACS") == AllowedSource(ae_title="PACS")
+    assert AllowedSource.parse("PACS@10.0.0.5:104") == AllowedSource(ae_title="PACS", host="10.0.0.5", port=104)
+    assert Destination.parse("ARCHIVE@pacs.local:11112").label == "ARCHIVE@pacs.local:11112"
+    for bad in ("ARCHIVE", "ARCHIVE@host", "@host:104", "A\\B@host:104", "TOO-LONG-AE-TITLE-X@h:1"):
+        with pytest.raises(ValueError):
+            Destination.parse(bad)
+
+
+def test_bad_node_settings_are_named() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, overrides={"node": {"ae_title": "", "port": 70000},
+                                       "index": {"backend": "qdrant"}})
+    message = str(error.value)
+    assert "node.ae_title" in message and "node.port" in message and "index.url" in message

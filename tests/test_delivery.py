@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from config import load_settings
 from dicom_node.delivery import DeliveryWorker, backoff_delay, send_file
 from dicom_node.state import DeliveryState, StateStore
-from sr_helpers import dataset_bytes, free_port, storescp, write_sr
+from node_helpers import dataset_bytes, free_port, storescp
+from sr_helpers import write_sr
 
 
 @contextmanager
@@ -75,7 +76,7 @@ def _queue(store: StateStore, path: Path, port: int, ae_title: str = "PACS", now
 
 def test_sr_delivered_to_dcmtk_storescp_arrives_unchanged(sr_file: Path, tmp_path: Path) -> None:
     port, inbox = free_port(), tmp_path / "pacs"
-    with storescp(port, inbox):
+    with storescp(inbox, port=port):
         result = send_file(sr_file, "MEDFINDER", "PACS", "127.0.0.1", port, timeout_s=10)
 
     assert (result.delivered, result.status, result.error) == (True, "0x0000", None)
@@ -141,7 +142,7 @@ def test_unreachable_destination_backs_off_then_dies_and_an_operator_retry_deliv
     assert worker.run_once(now=t0 + 1e6) == 0  # dead deliveries are never retried by themselves
 
     inbox = tmp_path / "pacs"
-    with storescp(port, inbox):
+    with storescp(inbox, port=port):
         assert store.retry_delivery(delivery_id)
         assert worker.run_once() == 1
     (done,) = store.deliveries()
@@ -165,7 +166,7 @@ def test_run_forever_delivers_and_stops(sr_file: Path, store: StateStore, tmp_pa
     port, stop = free_port(), threading.Event()
     worker = DeliveryWorker(_settings(tmp_path), store)
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    with storescp(port, tmp_path / "pacs"):
+    with storescp(tmp_path / "pacs", port=port):
         _queue(store, sr_file, port)
         thread.start()
         try:

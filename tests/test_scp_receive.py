@@ -21,9 +21,9 @@ from dicom_node.ingest import (STATUS_BAD_UIDS, STATUS_OUT_OF_RESOURCES, STATUS_
                                STATUS_SOP_INSTANCE_MISMATCH, STATUS_UNREADABLE, Ingestor, reconcile_spool)
 from dicom_node.layout import NodeLayout
 from dicom_node.state import StateStore
-from node_helpers import echoscu, nodelay_env, require_tools, storescu, wait_for
-from receive_helpers import (CT_IMAGE_STORAGE, bit_preserving_storescp, dataset_bytes, meta_end,
-                                   receive_settings, running_scp, send_dataset, send_files)
+from node_helpers import (dataset_bytes, echoscu, meta_end, nodelay_env, require_tools, storescp, storescu,
+                          wait_for)
+from receive_helpers import CT_IMAGE_STORAGE, receive_settings, running_scp, send_dataset, send_files
 
 SERIES = "Lung_Dx-A0002_series2_B70f"  # 30 slices, Explicit VR Little Endian
 SERIES_IMPLICIT = "Lung_Dx-A0001_series2_5mm"  # 64 slices, Implicit VR Little Endian
@@ -55,7 +55,7 @@ def _as_sent_by_storescu(tmp_path: Path, files: Path | list[Path], extra: list[s
     re-encodes (e.g. undefined-length sequences get explicit lengths), so this, not the source file, is
     "what was sent"."""
     out = tmp_path / "dcmtk-reference"
-    with bit_preserving_storescp(out, *storescp_options) as port:
+    with storescp(out, "MEDFINDER", options=storescp_options) as port:
         result = storescu(port, files, extra=extra)
         assert result.returncode == 0, result.stderr[-2000:]
     captured = {}

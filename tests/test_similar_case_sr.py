@@ -18,7 +18,7 @@ from dicom_node.layout import UID_PATTERN
 from dicom_node.similar_case_sr import (SCHEME, SR_SERIES_NUMBER, SimilarCase, build_similar_case_sr, case_summary,
                                         device_uid)
 from dicom_node.uids import deterministic_uid
-from sr_helpers import require_tool
+from node_helpers import dciodvfy, require_tools
 
 SETTINGS = ResultSettings()
 BUNDLE_ID = "medfinder-ref-0123abcd"
@@ -75,12 +75,6 @@ def _save(sr: pydicom.Dataset, folder: Path) -> Path:
     return path
 
 
-def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    lines = (result.stdout + result.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
-
-
 def _unaccepted(warnings: list[str]) -> list[str]:
     return [w for w in warnings if not any(re.search(pattern, w) for pattern in ACCEPTED_WARNINGS)]
 
@@ -104,7 +98,7 @@ def test_sr_passes_dciodvfy_without_errors(headers, tmp_path: Path) -> None:
     query, other = headers
     path = _save(_build(query, _matches(other)), tmp_path)
 
-    errors, warnings = _dciodvfy(path)
+    errors, warnings = dciodvfy(path)
 
     assert errors == []
     assert _unaccepted(warnings) == []
@@ -115,7 +109,7 @@ def test_sr_without_matches_is_valid_and_says_so(headers, tmp_path: Path) -> Non
     sr = _build(query, [])
     path = _save(sr, tmp_path)
 
-    errors, warnings = _dciodvfy(path)
+    errors, warnings = dciodvfy(path)
 
     assert errors == [] and _unaccepted(warnings) == []
     assert _containers(sr) == []
@@ -225,7 +219,8 @@ def test_dsrdump_renders_the_report(headers, tmp_path: Path) -> None:
     query, other = headers
     path = _save(_build(query, _matches(other)), tmp_path)
 
-    result = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    require_tools("dsrdump")
+    result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 0, result.stderr
     assert "Similar case search report" in result.stdout
