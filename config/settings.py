@@ -380,6 +380,13 @@ class WorkerSettings(Section):
     onnx_threads: int | None = None
     providers: list[str] | None = None  # None = CUDA when available, else CPU
 
+    @model_validator(mode="after")
+    def _visibility_outlasts_tasks(self) -> "WorkerSettings":
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed task_time_limit_s "
+                             f"({self.task_time_limit_s}), or Redis hands a running task to a second worker")
+        return self
+
 
 class ResultSettings(Section):
     """The Structured Report we send back."""

@@ -71,10 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    from workers.index import IndexMismatchError
+
     settings = node_settings(args)
     try:
         node = Node(settings)
-    except BundleError as error:
+    except (BundleError, IndexMismatchError) as error:
         print(f"medfinder serve: {error}", file=sys.stderr)
         return 2
     stopping = threading.Event()
@@ -117,6 +119,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
         return 0
     for study in studies:
         reason = f"  reason: {study.reason}" if study.reason else ""
+        if not reason and study.selection:
+            reason = f"  embedded: {json.loads(study.selection).get('reason', '')}"
         print(f"{study.study_uid}  {study.state.value:<12} v{study.version}  {study.n_instances} instance(s)  "
               f"from {study.calling_ae or '?'}  last received {_when(study.last_received)}{reason}")
         for delivery in store.deliveries(study.study_uid):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -230,15 +231,85 @@ def benchmark_prevalence(manifest_rows: Iterable[ManifestRow]) -> dict[str, floa
     return {label: (n / len(rows) if rows else 0.0) for label, n in counts.items()}
 
 
+# Per-process state of a generation pool (set once by the initializer; fork shares the loaded real series).
+_POOL_STATE: dict[str, Any] = {}
+
+
+def _write_case(
+    settings: SyntheticSettings,
+    split: str,
+    index: int,
+    real_by_split: dict[str, list[RealSeries]],
+    volumes_dir: Path,
+) -> tuple[ManifestRow, dict[str, Any]]:
+    """Generate one study, write its NIfTI atomically; returns its manifest row and benchmark record."""
+    case = generate_case(settings, split, index, real_by_split)
+    path = volumes_dir / f"{case.volume_id}.nii.gz"
+    tmp = volumes_dir / f".tmp-{case.volume_id}.nii.gz"
+    nib.save(oriented_image(case.hu, case.spacing, case.orientation), tmp)
+    os.replace(tmp, path)
+    row = ManifestRow(case.volume_id, path, case.report.text, case.background_id, case.labels, split)
+    return row, case.record()
+
+
+def _pool_init(settings: SyntheticSettings, real_by_split: dict[str, list[RealSeries]], volumes_dir: Path) -> None:
+    """Keep the generation context in the worker, so each task ships only ``(split, index)``."""
+    _POOL_STATE.update(settings=settings, real_by_split=real_by_split, volumes_dir=volumes_dir)
+
+
+def _pool_task(task: tuple[str, int]) -> tuple[ManifestRow, dict[str, Any]]:
+    """One pool task: :func:`_write_case` with the worker's context."""
+    state = _POOL_STATE
+    return _write_case(state["settings"], task[0], task[1], state["real_by_split"], state["volumes_dir"])
+
+
+def default_workers() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one), at most 8."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every OS
+        available = os.cpu_count() or 1
+    return max(1, min(8, available))
+
+
+def _generate_all(
+    tasks: Sequence[tuple[str, int]],
+    settings: SyntheticSettings,
+    real_by_split: dict[str, list[RealSeries]],
+    volumes_dir: Path,
+    workers: int | None,
+) -> Iterable[tuple[ManifestRow, dict[str, Any]]]:
+    """Rows and records in ``tasks`` order, generated in this process or in a pool of ``workers``.
+
+    Why fork: the real series bank (tens of MB) is inherited instead of pickled into every worker; the
+    workers use only numpy/scipy/nibabel, never torch, so forking a process that imported torch is safe.
+    """
+    count = default_workers() if workers is None else max(1, workers)
+    count = min(count, len(tasks))
+    methods = multiprocessing.get_all_start_methods()
+    if count <= 1 or "fork" not in methods:
+        for split, index in tasks:
+            yield _write_case(settings, split, index, real_by_split, volumes_dir)
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Pool(count, initializer=_pool_init, initargs=(settings, real_by_split, volumes_dir)) as pool:
+        yield from pool.imap(_pool_task, tasks, chunksize=4)
+
+
 def generate_synthetic_benchmark(
-    out_dir: Path, settings: SyntheticSettings, ct_root: Path | None = None, progress: bool = True
+    out_dir: Path,
+    settings: SyntheticSettings,
+    ct_root: Path | None = None,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Generate (or reuse) the benchmark in ``out_dir``; returns the manifest CSV path.
 
     Reuse: when ``benchmark.json`` records the same settings, generator version and real series, and
     every volume is present, the existing manifest is returned at once. Otherwise ``benchmark.json`` is
     removed first and written only after every volume and the manifest, so an interrupted run is never
-    mistaken for a complete one.
+    mistaken for a complete one. ``workers`` processes generate volumes (default: the CPUs this process
+    may use); the files do not depend on it, since every volume has its own seeded generator.
     """
     out_dir = Path(out_dir)
     # with no real backgrounds wanted, neither load the series nor let their presence change the cache key
@@ -263,19 +334,14 @@ def generate_synthetic_benchmark(
     real_by_split = real_patients_by_split(bank)
 
     plan = [("train", settings.n_train), ("val", settings.n_val), ("test", settings.n_test)]
+    tasks = [(split, index) for split, count in plan for index in range(count)]
     rows: list[ManifestRow] = []
     records: dict[str, dict[str, Any]] = {}
-    with tqdm(total=sum(n for _, n in plan), desc="synthetic CT benchmark", disable=not progress, unit="vol") as bar:
-        for split, count in plan:
-            for index in range(count):
-                case = generate_case(settings, split, index, real_by_split)
-                path = volumes_dir / f"{case.volume_id}.nii.gz"
-                tmp = volumes_dir / f".tmp-{case.volume_id}.nii.gz"
-                nib.save(oriented_image(case.hu, case.spacing, case.orientation), tmp)
-                os.replace(tmp, path)
-                rows.append(ManifestRow(case.volume_id, path, case.report.text, case.background_id, case.labels, split))
-                records[case.volume_id] = case.record()
-                bar.update(1)
+    with tqdm(total=len(tasks), desc="synthetic CT benchmark", disable=not progress, unit="vol") as bar:
+        for row, record in _generate_all(tasks, settings, real_by_split, volumes_dir, workers):
+            rows.append(row)
+            records[row.volume_id] = record
+            bar.update(1)
 
     keep = {f"{vid}.nii.gz" for vid in records}
     for stale in volumes_dir.glob("*.nii.gz"):
