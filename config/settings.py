@@ -167,6 +167,8 @@ class LossSettings(Section):
     temperature: float = Field(0.07, gt=0)
     learnable_temperature: bool = False
     symmetric: bool = True  # the paper's code is one-directional (text -> image rows)
+    # False: view 2 is a stop-gradient target (SimSiam/BYOL style), a forward pass only; ~1/3 cheaper steps
+    second_view_gradient: bool = True
 
 
 class AugmentSettings(Section):

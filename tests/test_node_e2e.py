@@ -82,11 +82,12 @@ def node_log(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-4000:] for p in tmp_path.glob("node*.log"))
 
 
-def check_two_study_round_trip(tmp_path: Path, lung_ct_dir: Path, config: Path, pacs_dir: Path) -> None:
+def check_two_study_round_trip(tmp_path: Path, lung_ct_dir: Path, config: Path, pacs_dir: Path, *flags: str) -> None:
     studies = lung_studies(lung_ct_dir)
     assert len(studies) == 2
     port = free_port()
-    node = start_node(config, port, tmp_path / "node.log", "--ae-title", "MEDFINDER", "--allow-ae", "STORESCU@127.0.0.1")
+    node = start_node(config, port, tmp_path / "node.log", "--ae-title", "MEDFINDER",
+                      "--allow-ae", "STORESCU@127.0.0.1", *flags)
     try:
         for folders in studies.values():
             result = storescu(port, folders)
@@ -109,8 +110,11 @@ def check_two_study_round_trip(tmp_path: Path, lung_ct_dir: Path, config: Path, 
 def test_embedded_mode_round_trip(tmp_path: Path, lung_ct_dir: Path, node_data_dir: Path) -> None:
     pacs_dir = tmp_path / "pacs"
     with storescp(pacs_dir) as pacs_port:
-        config = write_node_config(tmp_path / "node.yaml", node_data_dir, pacs_port)
-        check_two_study_round_trip(tmp_path, lung_ct_dir, config, pacs_dir)
+        # The administrator's flags, on top of a config file that names neither the data folder nor the PACS.
+        config = write_node_config(tmp_path / "node.yaml", tmp_path / "not-this-folder", None)
+        check_two_study_round_trip(tmp_path, lung_ct_dir, config, pacs_dir, "--data-dir", str(node_data_dir),
+                                   "--destination", f"PACS@127.0.0.1:{pacs_port}", "--quiet-seconds", "1.5")
+    assert not (tmp_path / "not-this-folder").exists()
 
 
 def test_distributed_mode_round_trip(tmp_path: Path, lung_ct_dir: Path, node_data_dir: Path) -> None:

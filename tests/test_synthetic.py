@@ -29,15 +29,15 @@ NEGATION_STARTS = ("no ", "there is no ", "without ", "pleural spaces are clear"
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same tiny procedural benchmark generated twice, into two folders."""
+    """The same tiny procedural benchmark generated twice, into two folders: by 2 processes, then by 1."""
     first = tmp_path_factory.mktemp("synthetic_a")
     second = tmp_path_factory.mktemp("synthetic_b")
-    generate_synthetic_benchmark(first, TINY, ct_root=None, progress=False)
-    generate_synthetic_benchmark(second, TINY, ct_root=None, progress=False)
+    generate_synthetic_benchmark(first, TINY, ct_root=None, progress=False, workers=2)
+    generate_synthetic_benchmark(second, TINY, ct_root=None, progress=False, workers=1)
     return first, second
 
 
-def test_generation_is_deterministic(tiny_dirs: tuple[Path, Path]) -> None:
+def test_generation_is_deterministic_and_independent_of_workers(tiny_dirs: tuple[Path, Path]) -> None:
     first, second = tiny_dirs
     rows_a, rows_b = read_manifest(first / "manifest.csv"), read_manifest(second / "manifest.csv")
     assert len(rows_a) == TINY.n_train + TINY.n_val + TINY.n_test

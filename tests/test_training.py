@@ -17,7 +17,7 @@ from config import load_settings
 from trainer.data.manifest import read_manifest
 from trainer.data.row_checks import BadRowError
 from trainer.engine.checkpoint import load_checkpoint
-from trainer.engine.loop import train
+from trainer.engine.loop import _next_epoch_overruns, load_trained_model, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,3 +161,40 @@ def test_gradient_accumulation_takes_fewer_optimiser_steps(tiny_run: tuple[Path,
     steps_plain = load_checkpoint(tmp_path / "plain" / "last.pt")["global_step"]
     assert steps_plain == 2 * steps_accumulated
     assert accumulated.epochs_run == plain.epochs_run == 1
+
+
+def test_time_limit_stops_before_an_epoch_that_would_overrun(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``train.max_minutes`` predicts the next epoch instead of noticing the overrun after it."""
+    assert _next_epoch_overruns(1.0, elapsed_s=50.0, last_epoch_s=11.0)
+    assert not _next_epoch_overruns(1.0, elapsed_s=50.0, last_epoch_s=9.0)
+    assert not _next_epoch_overruns(None, elapsed_s=1e9, last_epoch_s=1e9)
+    work, _ = tiny_run
+    # a limit far below one epoch: the run keeps its first epoch (validated, checkpointed) and stops there
+    result = train(tiny_settings(work, train={"epochs": 3, "max_minutes": 1e-6}), tmp_path / "boxed")
+    assert result.epochs_run == 1
+    lines = (tmp_path / "boxed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
+    assert (tmp_path / "boxed" / "best.pt").is_file()
+
+
+def test_stop_gradient_second_view_trains_the_image_tower(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``loss.second_view_gradient=false``: view 2 is a forward-only target, the image tower still learns."""
+    import torch
+
+    from trainer.engine.loop import build_model
+
+    work, _ = tiny_run
+    settings = tiny_settings(work, train={"epochs": 1}, loss={"second_view_gradient": False})
+    model = build_model(settings).train()
+    view_1 = torch.rand(3, 1, *settings.preprocessing.target_shape, requires_grad=True)
+    view_2 = (view_1.detach() + 0.01).requires_grad_(True)
+    losses = model.training_losses(view_1, view_2, torch.randn(3, model.text_encoder.feature_dim))
+    losses["total"].backward()
+    assert view_2.grad is None  # no backward pass through the second view
+    assert view_1.grad is not None and float(view_1.grad.abs().sum()) > 0
+    assert float(model.image_encoder.net.conv1.weight.grad.abs().sum()) > 0
+    assert "mse" in losses
+    result = train(settings, tmp_path / "stopgrad")  # and through the loop, checkpointed with the setting
+    assert result.epochs_run == 1
+    model, _, loaded = load_trained_model(tmp_path / "stopgrad" / "last.pt")
+    assert loaded.loss.second_view_gradient is False

@@ -89,9 +89,13 @@ class MedFinder(nn.Module):
         settings = self.loss_settings
         if view_2 is None:
             tokens_1 = tokens_2 = self.image_encoder(view_1.contiguous(memory_format=VOLUME_LAYOUT))
-        else:
+        elif settings.second_view_gradient:
             both = torch.cat([view_1, view_2]).contiguous(memory_format=VOLUME_LAYOUT)
             tokens_1, tokens_2 = self.image_encoder(both).chunk(2)
+        else:
+            tokens_1 = self.image_encoder(view_1.contiguous(memory_format=VOLUME_LAYOUT))
+            with torch.no_grad():  # stop-gradient target view: a forward pass only, no backward
+                tokens_2 = self.image_encoder(view_2.contiguous(memory_format=VOLUME_LAYOUT))
         image = F.normalize(self.image_head(self.fusion(tokens_1, tokens_2)), dim=-1)
         text = self.embed_text_features(text_features)
         similarity = contrastive_loss(
