@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 class ReportResult:
     """What one study's report produced."""
 
-    point_id: str
     sr_sop_uid: str
     matches: int
     destinations: list[str]
@@ -103,8 +102,7 @@ def report_study(settings: Settings, layout: NodeLayout, store: StateStore, inde
     if not targets:
         logger.warning("event=no_destination study_uid=%s calling_ae=%s hint='set node.destinations or the "
                        "source port in node.allow'", study.study_uid, study.calling_ae)
-    return ReportResult(point_id_for(study.study_uid, bundle_id), sr.SOPInstanceUID, len(cases),
-                        [d.label for d in targets], timings)
+    return ReportResult(sr.SOPInstanceUID, len(cases), [d.label for d in targets], timings)
 
 
 def batch_mates_pending(study: StudyRow, unfinished: list[StudyRow], window_s: float) -> bool:
