@@ -169,6 +169,11 @@ class LossSettings(Section):
     symmetric: bool = True  # the paper's code is one-directional (text -> image rows)
     # False: view 2 is a stop-gradient target (SimSiam/BYOL style), a forward pass only; ~1/3 cheaper steps
     second_view_gradient: bool = True
+    # Auxiliary multi-label BCE on the pooled image features, targets from the manifest's labels. Not in the
+    # paper (0 = the paper's objective): a small-data option for when the report alone is too weak a signal
+    # to learn focal findings in a CPU budget. ``label_names`` fixes the head's outputs, in order.
+    label_weight: float = Field(0.0, ge=0)
+    label_names: tuple[str, ...] = SYNTHETIC_FINDINGS
 
 
 class AugmentSettings(Section):

@@ -198,3 +198,25 @@ def test_stop_gradient_second_view_trains_the_image_tower(tiny_run: tuple[Path, 
     assert result.epochs_run == 1
     model, _, loaded = load_trained_model(tmp_path / "stopgrad" / "last.pt")
     assert loaded.loss.second_view_gradient is False
+
+
+def test_auxiliary_label_loss_trains_a_label_head(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``loss.label_weight > 0`` adds L_label on the manifest's labels; 0 (the paper) leaves no trace in checkpoints."""
+    work, out = tiny_run
+    assert not any(key.startswith("label_head.") for key in load_checkpoint(out / "last.pt")["model"])
+    settings = tiny_settings(work, train={"epochs": 1}, loss={"label_weight": 0.5})
+    train(settings, tmp_path / "labels")
+    line = json.loads((tmp_path / "labels" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["loss"]["label"] > 0
+    assert line["loss"]["total"] > line["loss"]["sim"]
+    model, state, loaded = load_trained_model(tmp_path / "labels" / "last.pt")
+    assert state["model"]["label_head.weight"].shape[0] == len(loaded.loss.label_names)
+    assert model.label_head is not None
+
+
+def test_label_loss_without_labels_is_a_clear_error(tmp_path: Path) -> None:
+    manifest = write_bad_manifest(tmp_path)  # its good training rows are labelled "nodule" only
+    settings = tiny_settings(tmp_path, data={"manifest": str(manifest)},
+                             loss={"label_weight": 1.0, "label_names": ["emphysema"]})
+    with pytest.raises(ValueError, match="no training row carries any of loss.label_names"):
+        train(settings, tmp_path / "run")

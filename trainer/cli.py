@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from config.cli import add_config_arguments, settings_from_args
+from trainer.evaluation.ablation import VARIANTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(ablate)
     ablate.add_argument("--out", required=True, type=Path, help="one sub-folder per variant")
     ablate.add_argument("--variants", nargs="+", default=["full", "no-sampler", "no-mse"],
-                        help="from: full no-sampler no-mse no-fusion (default: full no-sampler no-mse)")
+                        help=f"from: {' '.join(VARIANTS)} (default: full no-sampler no-mse)")
     ablate.set_defaults(handler=run_ablate)
+
+    bound = subparsers.add_parser(
+        "label-bound", help="supervised reference: the image tower trained on the labels alone (per-label AUC, P@K)")
+    add_config_arguments(bound)
+    bound.add_argument("--out", type=Path, help="JSON output (optional)")
+    bound.set_defaults(handler=run_label_bound)
 
     data = subparsers.add_parser("data", help="build manifests or the synthetic benchmark")
     kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -79,6 +86,14 @@ def run_ablate(args: argparse.Namespace) -> int:
     from trainer.evaluation.ablation import run_ablation
 
     run_ablation(settings_from_args(args), args.out, args.variants)
+    return 0
+
+
+def run_label_bound(args: argparse.Namespace) -> int:
+    from trainer.evaluation.label_bound import format_label_bound, run_label_bound
+
+    settings = settings_from_args(args)
+    print(format_label_bound(run_label_bound(settings, args.out, progress=settings.train.progress)))
     return 0
 
 

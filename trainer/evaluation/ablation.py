@@ -1,7 +1,7 @@
 """``medfinder ablate``: the same run with one branch switched off at a time, figures side by side.
 
 Variants (each a set of overrides on top of the chosen config): the full objective, the text sampler
-off (whole reports), L_mse off, and the fusion off. Every variant trains into its own folder (so an
+off (whole reports), L_mse off, the fusion off, and (not in the paper) the auxiliary label loss on. Every variant trains into its own folder (so an
 interrupted ablation resumes), is evaluated on the same held-out gallery, and one table compares them.
 """
 
@@ -22,6 +22,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-sampler": {"model": {"sampler": {"enabled": False}}},
     "no-mse": {"loss": {"mse": False}},
     "no-fusion": {"model": {"fusion": False}},
+    # not a branch switched off but one added: the auxiliary label loss (not in the paper)
+    "with-labels": {"loss": {"label_weight": 1.0}},
 }
 
 

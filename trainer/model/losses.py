@@ -2,6 +2,8 @@
 
 * ``L_mse`` pulls the two augmented views' embeddings together (in the released code both views are
   the same tensor, so this term is identically zero there; here the views differ).
+* ``L_label`` (not in the paper, off unless ``loss.label_weight > 0``): multi-label BCE of a linear head on
+  the pooled image features against the manifest's labels.
 * ``L_sim`` (equation 7) is a cross-entropy over cosine scores divided by a temperature, the matching
   report being the positive. ``symmetric=True`` averages the text→image and image→text directions
   (CLIP-style); ``False`` keeps only the text→image rows, as the released code does.
@@ -31,3 +33,8 @@ def contrastive_loss(
     if not symmetric:
         return text_to_image
     return 0.5 * (text_to_image + F.cross_entropy(logits.t(), targets))
+
+
+def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over labels and volumes; ``targets`` are 0/1 floats ``[B, L]``."""
+    return F.binary_cross_entropy_with_logits(logits, targets)

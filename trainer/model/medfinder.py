@@ -1,7 +1,8 @@
 """MedFinder: a trainable 3D image tower and a frozen text tower meeting in one L2-normalised space.
 
 ``embed_image`` is the inference path (one view, fusion of the view with itself), ``embed_text_features``
-projects frozen text features, and ``training_losses`` runs the two-view objective of the paper.
+projects frozen text features, and ``training_losses`` runs the two-view objective of the paper (plus,
+optionally, an auxiliary label loss that is not in the paper).
 The frozen text encoder is attached but never saved in checkpoints: it is rebuilt from settings.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 from config.settings import LossSettings, ModelSettings
 from trainer.model.fusion import MeanPool, TokenCrossAttentionFusion
 from trainer.model.image_encoders import build_image_encoder
-from trainer.model.losses import contrastive_loss, view_consistency_loss
+from trainer.model.losses import contrastive_loss, label_loss, view_consistency_loss
 
 FROZEN_PREFIX = "text_encoder."
 # Channels-last 3D layout: ~1.5x faster 3D convolutions on CPU (oneDNN) and friendlier to cuDNN.
@@ -58,6 +59,10 @@ class MedFinder(nn.Module):
         self.fusion = TokenCrossAttentionFusion() if model.fusion else MeanPool()
         self.image_head = projection_head(self.image_encoder.feature_dim, model.embedding_dim, model.projection)
         self.text_head = projection_head(text_feature_dim, model.embedding_dim, model.projection)
+        # Only when the auxiliary label loss is on, so checkpoints of the paper's objective keep their keys.
+        self.label_head = (
+            nn.Linear(self.image_encoder.feature_dim, len(loss.label_names)) if loss.label_weight > 0 else None
+        )
         initial = torch.tensor(math.log(1.0 / loss.temperature))
         if loss.learnable_temperature:
             self.log_logit_scale = nn.Parameter(initial)
@@ -83,9 +88,13 @@ class MedFinder(nn.Module):
 
     # --- training --------------------------------------------------------------------------------
     def training_losses(
-        self, view_1: torch.Tensor, view_2: torch.Tensor | None, text_features: torch.Tensor
+        self,
+        view_1: torch.Tensor,
+        view_2: torch.Tensor | None,
+        text_features: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """L_total = L_mse + α·L_sim for one batch; ``view_2=None`` is the single-view ablation."""
+        """L_total = L_mse + α·L_sim (+ w·L_label) for one batch; ``view_2=None`` is the single-view ablation."""
         settings = self.loss_settings
         if view_2 is None:
             tokens_1 = tokens_2 = self.image_encoder(view_1.contiguous(memory_format=VOLUME_LAYOUT))
@@ -106,19 +115,28 @@ class MedFinder(nn.Module):
         )
         losses = {"sim": similarity}
         total = settings.alpha * similarity
+        pooled_1 = self.fusion(tokens_1, tokens_1)
         if settings.mse and view_2 is not None:
-            single_1 = self.image_head(self.fusion(tokens_1, tokens_1))
-            single_2 = self.image_head(self.fusion(tokens_2, tokens_2))
-            losses["mse"] = view_consistency_loss(single_1, single_2)
+            pooled_2 = self.fusion(tokens_2, tokens_2)
+            losses["mse"] = view_consistency_loss(self.image_head(pooled_1), self.image_head(pooled_2))
             total = total + losses["mse"]
+        if self.label_head is not None:
+            if labels is None:
+                raise ValueError("loss.label_weight > 0 needs label targets for every batch")
+            losses["label"] = label_loss(self.label_head(pooled_1), labels)
+            total = total + settings.label_weight * losses["label"]
         losses["total"] = total
         return losses
 
     def forward(
-        self, view_1: torch.Tensor, view_2: torch.Tensor | None, text_features: torch.Tensor
+        self,
+        view_1: torch.Tensor,
+        view_2: torch.Tensor | None,
+        text_features: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training objective, so that DistributedDataParallel's hooks wrap it."""
-        return self.training_losses(view_1, view_2, text_features)
+        return self.training_losses(view_1, view_2, text_features, labels)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen text encoder (rebuilt from settings when a checkpoint loads)."""
