@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data.manifest import ManifestError, ManifestRow, read_manifest, with_split, write_manifest
+from trainer.data.manifest import ManifestError, ManifestRow, label_matrix, read_manifest, with_split, write_manifest
 from trainer.data.splits import (
     assign_patient_splits,
     find_patient_leaks,
@@ -132,3 +132,13 @@ def test_zero_fraction_split_stays_empty() -> None:
 def test_bad_fractions_rejected(fractions: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="fractions"):
         assign_patient_splits(make_rows(2), fractions=fractions)
+
+
+def test_label_matrix_follows_the_given_label_order() -> None:
+    rows = [ManifestRow("a", Path("a.nii.gz"), "r", "p1", ("nodule", "emphysema")),
+            ManifestRow("b", Path("b.nii.gz"), "r", "p2", ())]
+    matrix = label_matrix(rows, ("emphysema", "atelectasis", "nodule"))
+    assert matrix.tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="no training row carries any of the labels"):
+        label_matrix(rows, ("effusion",))
+    assert not label_matrix(rows, ("effusion",), for_training=False).any()

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 MANIFEST_COLUMNS = ("volume_id", "volume", "report", "patient_id", "labels", "split")
 SPLITS = ("train", "val", "test")
 LABEL_SEPARATOR = ";"
@@ -33,6 +35,18 @@ class ManifestRow:
 
 class ManifestError(ValueError):
     """A manifest that cannot be read at all (missing columns, unknown split...)."""
+
+
+def label_matrix(rows: Sequence[ManifestRow], names: Sequence[str], for_training: bool = True) -> np.ndarray:
+    """``[N, L]`` float 0/1 targets: row n, column l is 1 when ``rows[n]`` carries label ``names[l]``.
+
+    Training on labels that no row carries would teach "always absent", so that is an error, not a no-op.
+    """
+    matrix = np.array([[name in row.labels for name in names] for row in rows], dtype=np.float32).reshape(len(rows), len(names))
+    if for_training and not matrix.any():
+        raise ValueError(f"no training row carries any of the labels {list(names)} (loss.label_names); "
+                         "set the labels in the manifest or turn the label loss off")
+    return matrix
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:

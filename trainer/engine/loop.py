@@ -25,6 +25,7 @@ from tqdm import tqdm
 from config import Settings, dump_settings
 from model_export.text_windows import sample_window
 from trainer.data.augment import ViewAugmenter
+from trainer.data.manifest import label_matrix
 from trainer.data.row_checks import RowPolicy
 from trainer.data.sources import load_splits
 from trainer.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -117,7 +118,9 @@ class TrainingRun:
         if len(self.splits.train) < 2:
             raise ValueError(f"need at least 2 training volumes, got {len(self.splits.train)} ({self.policy.summary()})")
         self.device = context.device
-        _check_label_targets(settings, self.splits.train.rows)
+        # the auxiliary label loss's targets, once (None when it is off)
+        self.train_labels = label_matrix(self.splits.train.rows, settings.loss.label_names) \
+            if settings.loss.label_weight > 0 else None
         self.model = build_model(settings).to(self.device)
         self.text_cache = TextFeatureCache(self.model.text_encoder)
         train = settings.train
@@ -173,7 +176,7 @@ class TrainingRun:
             volumes = torch.as_tensor(train_set.arrays[indices]).float()
             texts = [training_text(train_set.rows[i].report, settings, self.text_rng) for i in indices]
             features = self.text_cache.features(texts).to(self.device)
-            labels = self.label_targets(indices)
+            labels = None if self.train_labels is None else torch.as_tensor(self.train_labels[indices]).to(self.device)
             view_1 = self.augmenter(volumes).to(self.device)
             view_2 = self.augmenter(volumes).to(self.device) if settings.augment.two_views else None
             stepping = (micro + 1) % accumulate == 0
@@ -195,15 +198,6 @@ class TrainingRun:
         bar.close()
         micro_steps = max(1, self.steps_per_epoch * accumulate)
         return {name: total / micro_steps for name, total in totals.items()}
-
-    def label_targets(self, indices: np.ndarray) -> torch.Tensor | None:
-        """0/1 targets ``[B, L]`` of the auxiliary label loss (``loss.label_names`` order), or None when it is off."""
-        loss = self.settings.loss
-        if loss.label_weight == 0:
-            return None
-        rows = self.splits.train.rows
-        targets = [[name in rows[i].labels for name in loss.label_names] for i in indices]
-        return torch.tensor(targets, dtype=torch.float32, device=self.device)
 
     def validate_and_checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
         """Validation recall, ``last.pt`` (and ``best.pt`` on improvement), one ``metrics.jsonl`` line."""
@@ -282,17 +276,6 @@ def _train(settings: Settings, out_dir: Path, resume: bool, context: Distributed
             break
     seconds = time.time() - started
     return TrainResult(out_dir, run.best_value, run.best_epoch, epochs_run, seconds, run.samples_seen / max(seconds, 1e-9))
-
-
-def _check_label_targets(settings: Settings, rows: list[Any]) -> None:
-    """The auxiliary label loss needs labels: a manifest whose training rows carry none of ``loss.label_names``
-    would train the label head towards "always absent", so it is a configuration error, not a silent no-op."""
-    loss = settings.loss
-    if loss.label_weight > 0 and not any(name in row.labels for row in rows for name in loss.label_names):
-        raise ValueError(
-            f"loss.label_weight={loss.label_weight} but no training row carries any of loss.label_names "
-            f"{list(loss.label_names)}; set the labels in the manifest or loss.label_weight=0"
-        )
 
 
 def _next_epoch_overruns(limit_minutes: float | None, elapsed_s: float, last_epoch_s: float) -> bool:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from config import Settings
 from trainer.data.augment import ViewAugmenter
+from trainer.data.manifest import label_matrix
 from trainer.data.row_checks import RowPolicy
 from trainer.data.sources import load_splits
 from trainer.data.volumes import VolumeSet
@@ -68,11 +69,6 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def label_matrix(volumes: VolumeSet, names: tuple[str, ...]) -> np.ndarray:
-    """``[N, L]`` 0/1 targets: row n, column l is 1 when volume n carries label ``names[l]``."""
-    return np.array([[name in row.labels for name in names] for row in volumes.rows], dtype=np.float32)
-
-
 @torch.no_grad()
 def predict(model: LabelClassifier, volumes: VolumeSet, batch_size: int) -> np.ndarray:
     model.eval()
@@ -101,9 +97,7 @@ def run_label_bound(settings: Settings, out: Path | None = None, progress: bool 
     names = tuple(settings.loss.label_names)
     splits = load_splits(settings, RowPolicy(settings.data.on_bad_row), progress=progress, include_test=True)
     held_out = splits.test if splits.test is not None and len(splits.test) else splits.val
-    train_targets = label_matrix(splits.train, names)
-    if not train_targets.any():
-        raise ValueError(f"no training row carries any of loss.label_names {list(names)}")
+    train_targets = label_matrix(splits.train.rows, names)
     model = LabelClassifier(settings, len(names))
     batch = max(2, settings.train.batch_size)
     steps_per_epoch = max(1, len(splits.train) // batch)
@@ -132,7 +126,7 @@ def run_label_bound(settings: Settings, out: Path | None = None, progress: bool 
         "minutes": round((time.time() - started) / 60, 2),
         "train": {"N": len(splits.train), **score_labels(predict(model, splits.train, settings.eval.batch_size), train_targets, names, ks)},
         "held_out": {"N": len(held_out), **score_labels(predict(model, held_out, settings.eval.batch_size),
-                                                      label_matrix(held_out, names), names, ks)},
+                                                      label_matrix(held_out.rows, names, for_training=False), names, ks)},
     }
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2))

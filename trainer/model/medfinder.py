@@ -115,7 +115,9 @@ class MedFinder(nn.Module):
         )
         losses = {"sim": similarity}
         total = settings.alpha * similarity
-        pooled_1 = self.fusion(tokens_1, tokens_1)
+        # the single-view pooled features, only when a term needs them (not on the plain contrastive path)
+        needs_single_view = (settings.mse and view_2 is not None) or self.label_head is not None
+        pooled_1 = self.fusion(tokens_1, tokens_1) if needs_single_view else None
         if settings.mse and view_2 is not None:
             pooled_2 = self.fusion(tokens_2, tokens_2)
             losses["mse"] = view_consistency_loss(self.image_head(pooled_1), self.image_head(pooled_2))
