@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model_export.keyword_queries import DEFAULT_KEYWORD_CONTEXT, FINDING_SLOT
+
 
 class Section(BaseModel):
     """Base for all sections: unknown keys are errors (a typo must not be silently ignored)."""
@@ -239,7 +241,17 @@ class EvalSettings(Section):
     precision_ks: tuple[int, ...] = (20, 50, 100)
     image_precision_ks: tuple[int, ...] = (1, 5, 10)
     keywords: tuple[str, ...] = SYNTHETIC_FINDINGS
+    # Keyword queries are embedded as the change they make to this neutral report ({finding} is replaced
+    # by the keyword stated as a sentence; see model_export.keyword_queries); null = the bare keyword as typed.
+    keyword_context: str | None = DEFAULT_KEYWORD_CONTEXT
     batch_size: int = Field(8, ge=1)
+
+    @field_validator("keyword_context")
+    @classmethod
+    def _context_has_slot(cls, value: str | None) -> str | None:
+        if value is not None and FINDING_SLOT not in value:
+            raise ValueError(f"must contain {FINDING_SLOT!r} where the keyword goes, or be null")
+        return value
 
 
 def _ae_title(value: str) -> str:

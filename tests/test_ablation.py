@@ -12,6 +12,7 @@ def test_variants_switch_exactly_one_branch() -> None:
     assert variant_settings(base, VARIANTS["no-sampler"]).model.sampler.enabled is False
     assert variant_settings(base, VARIANTS["no-mse"]).loss.mse is False
     assert variant_settings(base, VARIANTS["no-fusion"]).model.fusion is False
+    assert base.loss.label_weight > 0 and variant_settings(base, VARIANTS["no-labels"]).loss.label_weight == 0
     no_mse = variant_settings(base, VARIANTS["no-mse"])
     assert no_mse.model == base.model and no_mse.optim == base.optim
 
@@ -19,13 +20,13 @@ def test_variants_switch_exactly_one_branch() -> None:
 def test_table_lists_every_variant_with_its_figures() -> None:
     rows = [
         {"variant": "full", "N": 250, "t2i": {"R@1": 5.2, "R@5": 20.4, "R@10": 41.6, "MdR": 13.0, "MnR": 30.5},
-         "keyword_mean": {"P@20": 0.85, "P@50": 0.8, "P@100": 0.7}, "i2i": {"P@10": 0.71}},
+         "keyword_mean": {"P@20": 0.85, "P@50": 0.8, "P@100": 0.7}, "keyword_bare_P@20": 0.575, "i2i": {"P@10": 0.71}},
         {"variant": "no-mse", "N": 250, "t2i": {"R@1": 4.0, "R@5": 18.0, "R@10": 38.0, "MdR": 15.5, "MnR": 33.0},
          "keyword_mean": {"P@20": 0.8, "P@50": 0.75, "P@100": 0.65}, "i2i": {"P@10": 0.69}},
     ]
     table = format_ablation_table(rows)
     assert "N = 250" in table
-    assert "41.60" in table and "38.00" in table and "0.850" in table and "0.690" in table
+    assert "41.60" in table and "38.00" in table and "0.850" in table and "0.690" in table and "0.575" in table
     assert table.index("full") < table.index("no-mse")
 
 

@@ -158,7 +158,7 @@ def test_inserted_findings_change_voxels_in_the_expected_direction() -> None:
 
 
 def test_nodules_sit_clear_of_the_pleura_and_nodes_bulge_into_the_lung() -> None:
-    """Visibility rules of generator 1.2: a nodule's centre lies deeper in the lung than its radius (not
+    """Visibility rules (since generator 1.2): a nodule's centre lies deeper in the lung than its radius (not
     merged into the chest wall); a node lies about half in the lung, half in the mediastinum."""
     from scipy import ndimage
 
@@ -168,7 +168,8 @@ def test_nodules_sit_clear_of_the_pleura_and_nodes_bulge_into_the_lung() -> None
     for index in range(12):
         case = generate_case(settings, "train", index, keep_background=True)
         assert case.background is not None
-        lung = case.background < -600.0  # air-density voxels before any finding was painted
+        # air-density voxels before any finding was painted; closing fills the thin vessels drawn in the lung
+        lung = ndimage.binary_closing(case.background < -600.0, iterations=2)
         depth = ndimage.distance_transform_edt(lung, sampling=case.spacing)
         for lesion in case.lesions:
             centre = tuple(int(round(c)) for c in lesion.centre_vox)
@@ -179,6 +180,49 @@ def test_nodules_sit_clear_of_the_pleura_and_nodes_bulge_into_the_lung() -> None
     assert len(nodule_depth_ratios) >= 3 and len(node_lung_fractions) >= 3
     assert np.quantile(nodule_depth_ratios, 0.25) >= 0.9, sorted(nodule_depth_ratios)
     assert 0.25 <= np.median(node_lung_fractions) <= 0.75, node_lung_fractions
+
+
+def test_lower_zone_collapse_raises_its_hemidiaphragm() -> None:
+    """Volume loss (generator 1.3): the lowest ``lift_mm`` of each lung column becomes soft tissue and
+    leaves the lung mask, and the cached insertion sites follow, so later lesions are not put there."""
+    from trainer.data.synthetic_anatomy import LEFT, procedural_chest
+    from trainer.data.synthetic_findings import _elevate_hemidiaphragm, _Sites
+
+    anatomy = procedural_chest((64, 64, 32), np.random.default_rng(11))
+    sites = _Sites(anatomy)
+    before = anatomy.lung == LEFT
+    lowest_before = np.argmax(before, axis=2)[before.any(axis=2)].min()
+    assert len(sites.lung(LEFT)) == int(before.sum())
+    lift_mm = 3.0 * anatomy.spacing[2]
+    lifted = _elevate_hemidiaphragm(anatomy, sites, LEFT, lift_mm, np.random.default_rng(0))
+    after = anatomy.lung == LEFT
+    assert lifted.any() and not (lifted & after).any() and (before == (after | lifted)).all()
+    assert float(anatomy.hu[lifted].mean()) > 0.0  # soft tissue where aerated lung was
+    assert np.argmax(after, axis=2)[after.any(axis=2)].min() >= lowest_before + 3
+    assert len(sites.lung(LEFT)) == int(after.sum())  # the stale cache was dropped
+
+
+def test_consolidation_carries_air_bronchograms_and_nodules_avoid_it() -> None:
+    """A consolidation holds air-density bronchi; nodules and nodes inserted later are placed in lung that
+    is still aerated, not buried in an earlier consolidation or collapse where they would be invisible."""
+    settings = SyntheticSettings(seed=4, volume_shape=(64, 64, 32))
+    bronchi = overlaps = checked = 0
+    for index in range(30):
+        case = generate_case(settings, "train", index)
+        dense = np.zeros(case.hu.shape, dtype=bool)
+        for lesion in case.lesions:
+            own = np.zeros(case.hu.shape, dtype=bool)
+            own[lesion.region] = lesion.mask
+            if lesion.finding == "consolidation":
+                bronchi += int((case.hu[own] < -800.0).any())
+            if lesion.finding in ("consolidation", "atelectasis"):
+                dense |= own
+            elif lesion.finding == "nodule" and dense.any():
+                checked += 1
+                overlaps += int((dense & own).sum() > 0.5 * own.sum())
+    consolidations = sum(x.finding == "consolidation" for i in range(30) for x in generate_case(settings, "train", i).lesions)
+    assert consolidations >= 3 and bronchi == consolidations
+    assert checked >= 3 and overlaps == 0
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)

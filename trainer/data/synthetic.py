@@ -49,7 +49,7 @@ from .synthetic_reports import Report, compose_report
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.2.0"
+GENERATOR_VERSION = "1.3.2"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 REAL_SPLITS = ("train", "test")  # the i-th real patient (sorted) backs the i-th of these; val is procedural
 ORIENTATIONS = ("RAS", "LPS", "LAS")

@@ -151,12 +151,12 @@ def _consolidation(s: FindingSummary, rng: np.random.Generator) -> tuple[str, st
     """Consolidation / airspace opacity wording, air bronchograms when inserted. Returns (FINDINGS sentence, IMPRESSION sentence)."""
     where, size = _the(_where(s, rng)), _size(s.size_mm, rng)
     bronch = _choice(rng, [" with air bronchograms", " containing air bronchograms"]) if s.attrs.get("air_bronchograms") else ""
-    pattern = _choice(rng, ["Dense", "Patchy", "Focal", "Segmental", "Confluent"])
+    pattern = _choice(rng, ["Dense", "Lobar", "Segmental", "Confluent", "Extensive"])
     body = _choice(rng, [
         f"{pattern} consolidation in {where}{bronch}.",
         f"There is airspace consolidation involving {where}{bronch}, measuring approximately {size}.",
         f"{pattern} airspace opacity in {where}{bronch}, consistent with consolidation.",
-        f"Consolidative opacity occupies part of {where}{bronch}.",
+        f"Consolidative opacity occupies much of {where}{bronch}.",
     ])
     imp = _choice(rng, [
         f"Consolidation in {where}, likely pneumonia in the appropriate clinical setting.",
@@ -194,21 +194,29 @@ def _effusion(s: FindingSummary, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def _atelectasis(s: FindingSummary, rng: np.random.Generator) -> tuple[str, str]:
-    """Band-like or wedge (subsegmental) atelectasis wording. Returns (FINDINGS sentence, IMPRESSION sentence)."""
+    """Lobar collapse (with volume loss) or plate-like atelectasis wording. Returns (FINDINGS sentence, IMPRESSION sentence)."""
     where = _the(_where(s, rng))
-    if s.attrs.get("kind") == "wedge":
+    if s.attrs.get("kind") == "collapse":
+        lobe = "lower lobes" if s.laterality == "bilateral" and s.zone == "lower" else (
+            "upper lobes" if s.laterality == "bilateral" else f"{s.laterality} {s.zone} lobe")
+        the_lobe = f"both {lobe}" if s.laterality == "bilateral" else f"the {lobe}"
+        lifted = bool(s.attrs.get("volume_loss_mm"))
+        diaphragm = (" and elevation of the hemidiaphragms" if s.laterality == "bilateral" else
+                     f" and elevation of the {s.laterality} hemidiaphragm") if lifted else ""
         body = _choice(rng, [
-            f"Wedge-shaped opacity in {where} with mild volume loss, consistent with subsegmental atelectasis.",
-            f"Subsegmental atelectasis in {where}.",
-            f"Peripheral wedge of collapsed lung in {where}, compatible with atelectasis.",
+            f"Partial collapse of {the_lobe} with volume loss{diaphragm}.",
+            f"Dense opacity against the mediastinum in {where} with volume loss{diaphragm}, consistent with lobar atelectasis.",
+            f"{_cap(the_lobe)} {'are' if s.laterality == 'bilateral' else 'is'} partially collapsed{diaphragm}.",
         ])
-    else:
-        kind = _choice(rng, ["Linear", "Plate-like", "Band-like", "Discoid"])
-        body = _choice(rng, [
-            f"{kind} atelectasis in {where}.",
-            f"{kind} opacity in {where}, compatible with atelectasis.",
-            f"There is {kind.lower()} atelectasis along the fissure in {where}.",
-        ])
+        imp = _choice(rng, [f"Collapse of {the_lobe}.", f"Lobar atelectasis, {where}.", f"Atelectasis in {where}.",
+                            f"{_cap(_modifier(s, rng))} collapse with volume loss."])
+        return body, imp
+    kind = _choice(rng, ["Linear", "Plate-like", "Band-like", "Discoid"])
+    body = _choice(rng, [
+        f"{kind} atelectasis in {where}.",
+        f"{kind} opacity in {where}, compatible with atelectasis.",
+        f"There is {kind.lower()} atelectasis along the fissure in {where}.",
+    ])
     imp = _choice(rng, [f"Atelectasis in {where}.", f"{_cap(_modifier(s, rng))} atelectasis.",
                         "Subsegmental atelectasis, no lobar collapse.", f"Minor atelectatic change, {where}."])
     return body, imp

@@ -1,7 +1,7 @@
 """``medfinder ablate``: the same run with one branch switched off at a time, figures side by side.
 
 Variants (each a set of overrides on top of the chosen config): the full objective, the text sampler
-off (whole reports), L_mse off, the fusion off, and (not in the paper) the auxiliary label loss on. Every variant trains into its own folder (so an
+off (whole reports), L_mse off, the fusion off, and the auxiliary label loss (not in the paper) on or off. Every variant trains into its own folder (so an
 interrupted ablation resumes), is evaluated on the same held-out gallery, and one table compares them.
 """
 
@@ -22,8 +22,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-sampler": {"model": {"sampler": {"enabled": False}}},
     "no-mse": {"loss": {"mse": False}},
     "no-fusion": {"model": {"fusion": False}},
-    # not a branch switched off but one added: the auxiliary label loss (not in the paper)
+    # the auxiliary label loss (not in the paper) switched on, or off where the config enables it
     "with-labels": {"loss": {"label_weight": 1.0}},
+    "no-labels": {"loss": {"label_weight": 0.0}},
 }
 
 
@@ -44,20 +45,26 @@ def summarise(name: str, payload: dict[str, Any]) -> dict[str, Any]:
         "t2i": {k: result["t2i"][k] for k in ("R@1", "R@5", "R@10", "MdR", "MnR")},
         "i2t": {k: result["i2t"][k] for k in ("R@1", "R@5", "R@10", "MdR", "MnR")},
         "keyword_mean": {k: v for k, v in keyword.items() if k.startswith("P@")},
+        "keyword_bare_P@20": result.get("keyword_bare", {}).get("mean", {}).get("P@20"),
         "i2i": {k: v for k, v in result["i2i"].items() if k.startswith("P@")},
     }
 
 
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def format_ablation_table(rows: list[dict[str, Any]]) -> str:
-    """One line per variant: t→i R@1/5/10, MdR, MnR, mean keyword P@20/50/100, i→i P@10."""
+    """One line per variant: t→i R@1/5/10, MdR, MnR, mean keyword P@20/50/100 (and P@20 of bare keywords), i→i P@10."""
     header = (f"{'variant':12} {'t2i R@1':>8} {'R@5':>7} {'R@10':>7} {'MdR':>7} {'MnR':>7} | "
-              f"{'kw P@20':>8} {'P@50':>6} {'P@100':>6} | {'i2i P@10':>8}")
+              f"{'kw P@20':>8} {'P@50':>6} {'P@100':>6} {'bare P@20':>9} | {'i2i P@10':>8}")
     lines = [f"Ablations, held-out gallery N = {rows[0]['N'] if rows else 0} (full gallery)", header, "-" * len(header)]
     for row in rows:
         t2i, kw = row["t2i"], row["keyword_mean"]
         lines.append(
             f"{row['variant']:12} {t2i['R@1']:8.2f} {t2i['R@5']:7.2f} {t2i['R@10']:7.2f} {t2i['MdR']:7.1f} {t2i['MnR']:7.1f} | "
-            f"{kw.get('P@20', float('nan')):8.3f} {kw.get('P@50', float('nan')):6.3f} {kw.get('P@100', float('nan')):6.3f} | "
+            f"{kw.get('P@20', float('nan')):8.3f} {kw.get('P@50', float('nan')):6.3f} {kw.get('P@100', float('nan')):6.3f} "
+            f"{_or_nan(row.get('keyword_bare_P@20')):9.3f} | "
             f"{row['i2i'].get('P@10', float('nan')):8.3f}"
         )
     return "\n".join(lines)

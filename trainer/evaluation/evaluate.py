@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from config import Settings
+from model_export.keyword_queries import keyword_queries
 from trainer.data.row_checks import RowPolicy
 from trainer.data.sources import cache_dir_for, manifest_rows, resolve_manifest
 from trainer.data.volumes import VolumeSet, load_volume_set
 from trainer.engine.embedding import embed_reports, embed_volume_arrays
 from trainer.engine.loop import TrainResult, build_model, load_trained_model, seed_everything, train
 from trainer.engine.text_features import TextFeatureCache
-from trainer.evaluation.metrics import evaluate_embeddings, image_to_image_precision
+from trainer.evaluation.metrics import evaluate_embeddings, image_to_image_precision, keyword_precision
 from trainer.evaluation.report import (
     format_image_table,
     format_keyword_table,
@@ -52,11 +53,21 @@ def embed_and_score(model: MedFinder, gallery: VolumeSet, settings: Settings, de
     cache = TextFeatureCache(model.text_encoder)
     images = embed_volume_arrays(model, gallery.arrays, settings.eval.batch_size, device)
     texts = embed_reports(model, cache, gallery.reports, settings.model.sampler, device)
-    keywords = {k: embed_reports(model, cache, [k], settings.model.sampler, device)[0] for k in settings.eval.keywords}
-    return evaluate_embeddings(
-        texts, images, gallery.labels, keyword_emb=keywords,
+    names = list(settings.eval.keywords)
+
+    def embed(batch: list[str]) -> np.ndarray:
+        return embed_reports(model, cache, batch, settings.model.sampler, device)
+
+    queries = keyword_queries(embed, names, settings.eval.keyword_context)
+    result = evaluate_embeddings(
+        texts, images, gallery.labels, keyword_emb=dict(zip(names, queries)),
         ks=settings.eval.recall_ks, precision_ks=settings.eval.precision_ks, image_ks=settings.eval.image_precision_ks,
     )
+    if settings.eval.keyword_context is not None:  # the bare keywords as typed, for comparison
+        result["keyword_bare"] = keyword_precision(
+            keyword_queries(embed, names, None), images, gallery.labels, names, settings.eval.precision_ks
+        )
+    return result
 
 
 def load_gallery(settings: Settings, split: str, policy: RowPolicy, progress: bool) -> VolumeSet:
@@ -125,9 +136,13 @@ def render_tables(payload: dict[str, Any]) -> str:
     image_results = dict(results)
     if "raw_voxel_i2i" in payload:
         image_results[RAW_VOXELS] = {"i2i": payload["raw_voxel_i2i"], "N": payload["N"]}
+    keyword_results = dict(results)
+    for method, entry in results.items():
+        if "keyword_bare" in entry:  # the same model queried with the keywords as typed
+            keyword_results[f"{method}, bare keywords"] = {"keyword": entry["keyword_bare"], "N": entry["N"]}
     parts = [
         format_retrieval_table(results),
-        format_keyword_table(results),
+        format_keyword_table(keyword_results),
         format_image_table(image_results),
     ]
     return "\n\n".join(parts)
