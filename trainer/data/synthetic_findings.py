@@ -227,6 +227,11 @@ def _pick(coords: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return coords[int(rng.integers(len(coords)))].astype(np.float64) + rng.uniform(-0.5, 0.5, size=3)
 
 
+def _lateral_sign(code: int) -> float:
+    """+1 for the right lung, -1 for the left: the sign of "outwards" along i (RAS: right is larger i)."""
+    return 1.0 if code == RIGHT else -1.0
+
+
 def _side_of(anatomy: Anatomy, i: float) -> str:
     """The patient side of a voxel column (RAS: larger i is the patient's right)."""
     return "right" if i >= anatomy.midline_i else "left"
@@ -367,7 +372,7 @@ def _insert_consolidation(anatomy: Anatomy, sites: _Sites, rng: np.random.Genera
         centre = idx.mean(axis=0)
         inside = np.zeros(anatomy.hu.shape, dtype=bool)
         inside[region] = mask
-        lateral = 1.0 if code == RIGHT else -1.0  # RAS: the right lung lies at larger i
+        lateral = _lateral_sign(code)
         medial_end = idx[np.argsort(lateral * (idx[:, 0] - anatomy.midline_i))[: max(1, len(idx) // 10)]]
         for _ in range(int(rng.integers(3, 6))):
             start = medial_end[int(rng.integers(len(medial_end)))].astype(np.float64)
@@ -454,7 +459,7 @@ def _collapse_region(anatomy: Anatomy, sites: _Sites, code: int, zone: str, fill
         return None
     region, allowed = box
     coords = np.argwhere(allowed)
-    lateral = 1.0 if code == RIGHT else -1.0
+    lateral = _lateral_sign(code)
     origin = np.array([r.start for r in region], dtype=np.float64)
     medial = lateral * (coords[:, 0] + origin[0] - anatomy.midline_i)
     depth = coords[:, 1] if zone == "lower" else -coords[:, 1]  # posterior (low j) for lower lobes
