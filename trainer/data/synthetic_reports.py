@@ -197,16 +197,15 @@ def _atelectasis(s: FindingSummary, rng: np.random.Generator) -> tuple[str, str]
     """Lobar collapse (with volume loss) or plate-like atelectasis wording. Returns (FINDINGS sentence, IMPRESSION sentence)."""
     where = _the(_where(s, rng))
     if s.attrs.get("kind") == "collapse":
-        lobe = "lower lobes" if s.laterality == "bilateral" and s.zone == "lower" else (
-            "upper lobes" if s.laterality == "bilateral" else f"{s.laterality} {s.zone} lobe")
-        the_lobe = f"both {lobe}" if s.laterality == "bilateral" else f"the {lobe}"
+        bilateral = s.laterality == "bilateral"
+        the_lobe = f"both {s.zone} lobes" if bilateral else f"the {s.laterality} {s.zone} lobe"
         lifted = bool(s.attrs.get("volume_loss_mm"))
-        diaphragm = (" and elevation of the hemidiaphragms" if s.laterality == "bilateral" else
+        diaphragm = (" and elevation of the hemidiaphragms" if bilateral else
                      f" and elevation of the {s.laterality} hemidiaphragm") if lifted else ""
         body = _choice(rng, [
             f"Partial collapse of {the_lobe} with volume loss{diaphragm}.",
             f"Dense opacity against the mediastinum in {where} with volume loss{diaphragm}, consistent with lobar atelectasis.",
-            f"{_cap(the_lobe)} {'are' if s.laterality == 'bilateral' else 'is'} partially collapsed{diaphragm}.",
+            f"{_cap(the_lobe)} {'are' if bilateral else 'is'} partially collapsed{diaphragm}.",
         ])
         imp = _choice(rng, [f"Collapse of {the_lobe}.", f"Lobar atelectasis, {where}.", f"Atelectasis in {where}.",
                             f"{_cap(_modifier(s, rng))} collapse with volume loss."])
