@@ -78,7 +78,7 @@ def prepare(preset: str, work: Path, with_text: bool) -> dict[str, Any]:
     import torch
 
     from config import load_settings
-    from model_export.onnx_export import export_image_encoder, export_text_encoder
+    from trainer.export.onnx_export import export_image_encoder, export_text_encoder
     from trainer.model.medfinder import MedFinder
 
     settings = load_settings(preset)

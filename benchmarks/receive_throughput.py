@@ -106,9 +106,9 @@ def send(port: int, series: Path) -> float:
 
 def run_ours(series: Path, work: Path, stream: bool) -> float:
     from config import load_settings
-    from dicom_node.layout import NodeLayout
-    from dicom_node.scp import StorageSCP
-    from dicom_node.state import StateStore
+    from dicom_node.receive.scp import StorageSCP
+    from dicom_node.store.layout import NodeLayout
+    from dicom_node.store.state import StateStore
 
     data_dir = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     settings = load_settings(overrides={"paths": {"data_dir": str(data_dir)}, "node": {

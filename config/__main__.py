@@ -5,7 +5,7 @@ import sys
 
 import yaml
 
-from config.cli import add_config_arguments, settings_from_args
+from config.arguments import add_config_arguments, settings_from_args
 from config.loader import ConfigError, dump_settings
 
 parser = argparse.ArgumentParser(prog="python -m config", description=__doc__)

@@ -13,7 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model_export.keyword_queries import DEFAULT_KEYWORD_CONTEXT, FINDING_SLOT
+# Keyword queries in report context (model_export.keyword_queries): the slot the finding is written into, and the
+# default neutral report around it. Defined here because they are defaults of ``eval.keyword_context``.
+FINDING_SLOT = "{finding}"
+DEFAULT_KEYWORD_CONTEXT = (
+    "EXAM: Chest CT. FINDINGS: The heart is normal in size. No pneumothorax. {finding} IMPRESSION: See findings."
+)
+
 
 
 class Section(BaseModel):

@@ -10,7 +10,7 @@ import threading
 from datetime import datetime
 from typing import Any
 
-from config.cli import add_config_arguments, settings_from_args
+from config.arguments import add_config_arguments, settings_from_args
 from config.settings import AllowedSource, Destination, Settings
 
 
@@ -101,8 +101,8 @@ def _when(value: float | None) -> str:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from dicom_node.layout import NodeLayout
-    from dicom_node.state import StateStore
+    from dicom_node.store.layout import NodeLayout
+    from dicom_node.store.state import StateStore
 
     settings = node_settings(args)
     layout = NodeLayout.create(settings.paths.data_dir)
@@ -133,8 +133,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from dicom_node.layout import NodeLayout
-    from dicom_node.state import DeliveryState, StateStore
+    from dicom_node.store.layout import NodeLayout
+    from dicom_node.store.state import DeliveryState, StateStore
 
     settings = node_settings(args)
     store = StateStore(NodeLayout.create(settings.paths.data_dir).state_db)

@@ -1,6 +1,9 @@
-"""Model export and the torch-free code that serving shares with training.
+"""The bundle contract between training and serving, torch-free.
 
-Torch-free: ``preprocessing`` (volumes), ``text_windows`` (report chunks), ``keyword_queries``, ``text_cleaning``, ``bundle_manifest``,
-``registry`` and ``runtime`` (the serving runtime). Needs the ``train`` extra: ``onnx_export``, ``parity``,
-``bundle_export`` and ``reference``. Importing this package imports none of them.
+``preprocessing`` (the ONE volume preprocessing), ``text_windows`` (report chunks), ``keyword_queries``,
+``text_cleaning``, ``bundle_manifest`` (the typed manifest, hashes, verification), ``registry`` (installed and
+active bundles), ``runtime`` (the ONNX serving runtime), ``atomic_files`` (the one atomic-write helper) and the
+``preprocess``/``bundle`` commands. Making bundles from checkpoints is the trainer's (``trainer.export``).
+
+May import: ``config`` only (and no torch).
 """

@@ -1,6 +1,6 @@
-"""``python -m model_export``: the bundle-contract subcommands (preprocess, export, bundle ...).
+"""``python -m model_export``: the bundle-contract subcommands (preprocess, bundle list/verify/activate/install).
 
-``preprocess`` and ``bundle list/verify/activate/install`` run without torch.
+All torch-free; ``export`` and ``bundle reference`` are the trainer's (``python -m trainer``).
 """
 
 import argparse

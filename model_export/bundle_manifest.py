@@ -6,6 +6,11 @@ exported twice gets the same id, whatever the creation time), and ``integrity.ma
 manifest's own content. Any changed byte in any file is therefore detected and the file named. This guards
 against corruption and partial copies, not against someone rewriting both a file and its manifest.
 
+Read back, a manifest is a :class:`BundleManifest`: the parts serving relies on are typed (and checked when
+read, so a bad manifest fails with the field named); what exporters record for people (training data, metrics,
+parity figures, versions) is kept as they wrote it. The integrity digest is always taken over the JSON as
+written, never over a re-serialisation.
+
 Torch-free: the serving runtime and ``medfinder bundle verify`` use it.
 """
 
@@ -13,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from model_export.atomic_files import write_text_atomic
 from model_export.errors import BundleError, BundleIntegrityError, BundleMismatchError
 
 BUNDLE_FORMAT = "medfinder-bundle/1"
@@ -30,8 +37,81 @@ BUNDLE_ID_LENGTH = 16  # hex characters of SHA-256: short enough for a folder na
 REQUIRED_KEYS = ("format", "bundle_id", "embedding_dim", "files", "preprocessing", "text", "image_encoder",
                  "text_encoder")
 
+
+class _Section(BaseModel):
+    """A manifest section: typed where serving reads it; extra keys kept as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class FileEntry(_Section):
+    sha256: str
+    bytes: int
+
+
+class ImageEncoderSpec(_Section):
+    """The image graph: file, input/output names, input shape (``batch`` first) and dtype."""
+
+    file: str
+    input: str
+    output: str
+    input_shape: list[int | str]
+    dtype: str = "float32"
+
+
+class TextEncoderSpec(_Section):
+    """The text graph and its tokenizer."""
+
+    file: str
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    max_tokens: int
+    text_preprocessing: str = "none"
+    dtype: str = "int64"
+
+
+class ModelInfo(_Section):
+    """What the bundle is, for people and logs (name, version; the exporter adds architecture details)."""
+
+    name: str | None = None
+    version: str | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+class BundleManifest(_Section):
+    """A bundle's ``manifest.json``, read back (see the module docstring for what is typed and why)."""
+
+    format: str
+    bundle_id: str
+    embedding_dim: int
+    files: dict[str, FileEntry]
+    preprocessing: dict[str, Any]  # the volume recipe (model_export.preprocessing.describe_spec)
+    text: dict[str, Any]  # text handling (model_export.text_windows.TextHandling.from_manifest)
+    image_encoder: ImageEncoderSpec
+    text_encoder: TextEncoderSpec
+    model: ModelInfo = ModelInfo()
+    metrics: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    created: str | None = None
+    integrity: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest as JSON data, with exactly the keys it was read or built with."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def headline_metrics(self) -> dict[str, Any]:
+        """Text->image R@1/5/10 from the test evaluation if recorded, else from validation."""
+        metrics = self.metrics or {}
+        for split in ("test", "val"):
+            t2i = (metrics.get(split) or {}).get("t2i") or {}
+            if "R@10" in t2i:
+                return {"split": split, **{k: t2i[k] for k in ("R@1", "R@5", "R@10") if k in t2i}}
+        return {}
+
 __all__ = [
     "BUNDLE_FORMAT",
+    "BundleManifest",
     "IMAGE_ENCODER_FILE",
     "MANIFEST_FILE",
     "TEXT_ENCODER_FILE",
@@ -92,15 +172,12 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return Path(path)
 
 
 def finalize_manifest(folder: Path, manifest: dict[str, Any],
-                      files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                      files: dict[str, dict[str, Any]] | None = None) -> BundleManifest:
     """Hash the folder's files into ``manifest``, set ``bundle_id`` and the integrity digest, write it.
 
     ``files``: hashes already taken of this folder (only the manifest changed since), to skip hashing again.
@@ -112,12 +189,27 @@ def finalize_manifest(folder: Path, manifest: dict[str, Any],
     manifest["bundle_id"] = bundle_id_for(manifest["files"])
     manifest.pop("integrity", None)
     manifest["integrity"] = {"manifest_sha256": manifest_digest(manifest), "algorithm": "sha256"}
-    write_json_atomic(folder / MANIFEST_FILE, manifest)
-    return manifest
+    path = folder / MANIFEST_FILE
+    typed = _typed(manifest, path)
+    write_json_atomic(path, manifest)
+    return typed
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse ``manifest.json`` and check its format and required keys (no file hashing: see verify_bundle)."""
+def _typed(manifest: dict[str, Any], path: Path) -> BundleManifest:
+    try:
+        return BundleManifest.model_validate(manifest)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise BundleIntegrityError(f"{path}: {problems}", path=str(path)) from None
+
+
+def read_manifest(folder: Path) -> BundleManifest:
+    """Parse ``manifest.json`` and check its format and fields (no file hashing: see verify_bundle)."""
+    return _typed(_read_raw(folder), Path(folder) / MANIFEST_FILE)
+
+
+def _read_raw(folder: Path) -> dict[str, Any]:
+    """``manifest.json`` as written, with its format and required keys checked."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not folder.is_dir():
@@ -138,10 +230,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle(folder: Path) -> dict[str, Any]:
+def verify_bundle(folder: Path) -> BundleManifest:
     """The manifest of an intact bundle; :class:`BundleIntegrityError` naming the first file that differs."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = _read_raw(folder)
     manifest_path = folder / MANIFEST_FILE
     recorded = (manifest.get("integrity") or {}).get("manifest_sha256")
     if recorded != manifest_digest(manifest):
@@ -162,4 +254,4 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     if bundle_id_for(files) != manifest["bundle_id"]:
         raise BundleIntegrityError(f"{manifest_path}: bundle_id does not match the files' hashes",
                                    path=str(manifest_path))
-    return manifest
+    return _typed(manifest, manifest_path)

@@ -1,8 +1,7 @@
-"""Subcommands of the bundle contract.
+"""Subcommands of the bundle contract, all torch-free.
 
-``preprocess`` (one volume through the shared recipe), ``export`` (checkpoint -> ONNX bundle, needs the
-``train`` extra) and ``bundle list | verify | activate | install | reference`` (the registry). Only ``export``
-and ``bundle reference`` import torch, inside their handlers.
+``preprocess`` (one volume through the shared recipe) and ``bundle list | verify | activate | install`` (the
+registry). Making bundles (``export``, ``bundle reference``) is the trainer's: see ``trainer.cli``.
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-from config.cli import add_config_arguments, settings_from_args
+from config.arguments import add_config_arguments, settings_from_args
 from config.settings import Settings
-from model_export.reference import REFERENCE_PRESET
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``preprocess`` and ``bundle``; returns ``bundle``'s actions so the trainer can add ``reference``."""
     preprocess = subparsers.add_parser(
         "preprocess", help="run a DICOM series folder or NIfTI file through the shared preprocessing"
     )
@@ -25,19 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preprocess.add_argument("source", type=Path, help="DICOM series folder, .nii/.nii.gz or .npy")
     preprocess.add_argument("--out", type=Path, help="write the model input [1, D, H, W] as .npy")
     preprocess.set_defaults(handler=run_preprocess)
-
-    export = subparsers.add_parser("export", help="checkpoint -> ONNX model bundle folder, parity-checked")
-    add_config_arguments(export)  # only paths.* matter: the checkpoint carries the model settings
-    export.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt of a training run")
-    export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    export.add_argument("--name", help="model name in the manifest (default medfinder-<backbone>-<text tower>)")
-    export.add_argument("--version", help="model version in the manifest (default epoch<N>)")
-    export.add_argument("--parity-series", type=Path,
-                        help="DICOM series for the real-data parity check (default: first Lung-PET-CT-Dx series "
-                             "under paths.shared_data)")
-    export.add_argument("--threads", type=int, help="torch and onnxruntime threads during export")
-    export.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    export.set_defaults(handler=run_export)
 
     bundle = subparsers.add_parser("bundle", help="model bundle registry: list, verify, activate, install, reference")
     actions = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -50,26 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install = actions.add_parser("install", help="copy a bundle folder into the registry")
     install.add_argument("path", type=Path)
     install.add_argument("--activate", action="store_true")
-    reference = actions.add_parser(
-        "reference", help="train (synthetic-cpu preset), export, install and activate the demo bundle")
-    reference.add_argument("--checkpoint", type=Path, help="install from this checkpoint instead of training")
-    reference.add_argument("--run-dir", type=Path, help="training run folder (default <work_dir>/synthetic-cpu)")
-    reference.add_argument("--if-missing", action="store_true",
-                           help="do nothing when a bundle is already active (what `make run` uses)")
-    reference.set_defaults(config=REFERENCE_PRESET)
     for parser, handler in ((listing, run_bundle_list), (verify, run_bundle_verify), (activate, run_bundle_activate),
-                            (install, run_bundle_install), (reference, run_bundle_reference)):
+                            (install, run_bundle_install)):
         add_config_arguments(parser)
         parser.add_argument("--data-dir", type=Path, help="override paths.data_dir (the registry is DATA_DIR/bundles)")
         parser.set_defaults(handler=handler)
+    return actions
 
 
-def _fail(command: str, error: Exception) -> int:
+def fail(command: str, error: Exception) -> int:
     print(f"medfinder {command}: {error}", file=sys.stderr)
     return 1
 
 
-def _registry_settings(args: argparse.Namespace) -> Settings:
+def registry_settings(args: argparse.Namespace) -> Settings:
     settings = settings_from_args(args)
     if getattr(args, "data_dir", None) is not None:
         settings.paths.data_dir = args.data_dir
@@ -101,30 +81,6 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
-    from model_export.bundle_export import export_bundle
-    from model_export.errors import BundleError
-    from model_export.parity import find_real_series
-
-    settings = settings_from_args(args)
-    series = args.parity_series or find_real_series(settings.paths.shared_data)
-    if series is None:
-        print(f"medfinder export: no real CT series under {settings.paths.shared_data}: parity on random volumes "
-              "and texts only", file=sys.stderr)
-    try:
-        manifest = export_bundle(args.checkpoint, args.out, real_series=series, name=args.name,
-                                 version=args.version, force=args.force, threads=args.threads,
-                                 report=lambda line: print(f"export: {line}", flush=True))
-    except (BundleError, FileNotFoundError, ValueError) as error:
-        return _fail("export", error)
-    parity = manifest["parity"]
-    print(json.dumps({"out": str(args.out), "bundle_id": manifest["bundle_id"],
-                      "embedding_dim": manifest["embedding_dim"],
-                      "parity": {"min_cosine": parity["min_cosine"], "max_abs_diff": parity["max_abs_diff"],
-                                 "real_series": parity["real_series"]}}, indent=2))
-    return 0
-
-
 def _metric_text(metrics: dict) -> str:
     if not metrics:
         return "-"
@@ -135,11 +91,11 @@ def run_bundle_list(args: argparse.Namespace) -> int:
     from model_export.errors import BundleError
     from model_export.registry import list_bundles, registry_dir
 
-    settings = _registry_settings(args)
+    settings = registry_settings(args)
     try:
         entries = list_bundles(settings)
     except BundleError as error:
-        return _fail("bundle list", error)
+        return fail("bundle list", error)
     if args.json:
         print(json.dumps([{"bundle_id": e.bundle_id, "active": e.active, "name": e.name, "version": e.version,
                            "embedding_dim": e.embedding_dim, "created": e.created, "t2i": e.headline_metrics(),
@@ -168,13 +124,12 @@ def run_bundle_verify(args: argparse.Namespace) -> int:
     try:
         folder = args.path
         if not folder.exists() and len(folder.parts) == 1:
-            folder = find_bundle(_registry_settings(args), str(folder))
+            folder = find_bundle(registry_settings(args), str(folder))
         manifest = verify_bundle(folder)
     except BundleError as error:
-        return _fail("bundle verify", error)
-    model = manifest.get("model", {})
-    print(f"ok: bundle {manifest['bundle_id']} ({model.get('name')} {model.get('version')}, "
-          f"{len(manifest['files'])} files + manifest, {manifest['embedding_dim']}-d) at {folder}")
+        return fail("bundle verify", error)
+    print(f"ok: bundle {manifest.bundle_id} ({manifest.model.name} {manifest.model.version}, "
+          f"{len(manifest.files)} files + manifest, {manifest.embedding_dim}-d) at {folder}")
     return 0
 
 
@@ -183,9 +138,9 @@ def run_bundle_activate(args: argparse.Namespace) -> int:
     from model_export.registry import activate_bundle
 
     try:
-        bundle_id = activate_bundle(_registry_settings(args), args.bundle_id)
+        bundle_id = activate_bundle(registry_settings(args), args.bundle_id)
     except BundleError as error:
-        return _fail("bundle activate", error)
+        return fail("bundle activate", error)
     print(f"active bundle: {bundle_id}")
     return 0
 
@@ -195,30 +150,8 @@ def run_bundle_install(args: argparse.Namespace) -> int:
     from model_export.registry import install_bundle
 
     try:
-        path = install_bundle(args.path, _registry_settings(args), activate=args.activate)
+        path = install_bundle(args.path, registry_settings(args), activate=args.activate)
     except BundleError as error:
-        return _fail("bundle install", error)
+        return fail("bundle install", error)
     print(f"installed {path}" + (" (active)" if args.activate else ""))
-    return 0
-
-
-def run_bundle_reference(args: argparse.Namespace) -> int:
-    from model_export.errors import BundleError
-    from model_export.reference import build_reference_bundle
-
-    settings = _registry_settings(args)
-    if args.if_missing:
-        from model_export.registry import active_bundle_id
-
-        active = active_bundle_id(settings)
-        if active is not None:
-            print(f"bundle {active} is active: nothing to build")
-            return 0
-    try:
-        path = build_reference_bundle(settings, checkpoint=args.checkpoint, run_dir=args.run_dir,
-                                      report=lambda line: print(line, flush=True))
-    except (BundleError, FileNotFoundError) as error:
-        return _fail("bundle reference", error)
-    print(f"reference bundle: {path.name} (active) in {path.parent}")
-    print("note: a demo trained on synthetic findings; not a clinical model (see README, Model bundles)")
     return 0

@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-FINDING_SLOT = "{finding}"
-DEFAULT_KEYWORD_CONTEXT = (
-    "EXAM: Chest CT. FINDINGS: The heart is normal in size. No pneumothorax. {finding} IMPRESSION: See findings."
-)
+from config.settings import DEFAULT_KEYWORD_CONTEXT, FINDING_SLOT
+
+__all__ = ["DEFAULT_KEYWORD_CONTEXT", "FINDING_SLOT", "keyword_queries", "keyword_sentence", "keyword_texts"]
 
 
 def _squash(text: str) -> str:

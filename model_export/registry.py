@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from model_export.bundle_manifest import read_manifest, verify_bundle, write_json_atomic
+from model_export.bundle_manifest import BundleManifest, read_manifest, verify_bundle, write_json_atomic
 from model_export.errors import BundleError, BundleIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -40,33 +40,28 @@ class BundleEntry:
     bundle_id: str
     path: Path
     active: bool
-    manifest: dict[str, Any] | None
+    manifest: BundleManifest | None
     error: str | None = None
 
     @property
     def name(self) -> str:
-        return str((self.manifest or {}).get("model", {}).get("name", "?"))
+        return str(self.manifest.model.name if self.manifest and self.manifest.model.name is not None else "?")
 
     @property
     def version(self) -> str:
-        return str((self.manifest or {}).get("model", {}).get("version", "?"))
+        return str(self.manifest.model.version if self.manifest and self.manifest.model.version is not None else "?")
 
     @property
     def embedding_dim(self) -> int | None:
-        return (self.manifest or {}).get("embedding_dim")
+        return self.manifest.embedding_dim if self.manifest else None
 
     @property
     def created(self) -> str:
-        return str((self.manifest or {}).get("created", "?"))
+        return str(self.manifest.created if self.manifest and self.manifest.created else "?")
 
     def headline_metrics(self) -> dict[str, Any]:
         """Text->image R@1/5/10 from the test evaluation if recorded, else from validation."""
-        metrics = (self.manifest or {}).get("metrics") or {}
-        for split in ("test", "val"):
-            t2i = (metrics.get(split) or {}).get("t2i") or {}
-            if "R@10" in t2i:
-                return {"split": split, **{k: t2i[k] for k in ("R@1", "R@5", "R@10") if k in t2i}}
-        return {}
+        return self.manifest.headline_metrics() if self.manifest else {}
 
 
 def registry_dir(where: Where) -> Path:
@@ -120,11 +115,11 @@ def activate_bundle(where: Where, bundle_id: str) -> str:
     folder = find_bundle(where, bundle_id)
     manifest = verify_bundle(folder)
     write_json_atomic(registry_dir(where) / ACTIVE_FILE, {
-        "bundle_id": manifest["bundle_id"],
+        "bundle_id": manifest.bundle_id,
         "activated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    logger.info("bundle activated: id=%s model=%s", manifest["bundle_id"], manifest.get("model", {}).get("name"))
-    return str(manifest["bundle_id"])
+    logger.info("bundle activated: id=%s model=%s", manifest.bundle_id, manifest.model.name)
+    return manifest.bundle_id
 
 
 def active_bundle_path(where: Where) -> Path:
@@ -143,7 +138,7 @@ def install_bundle(source: Path, where: Where, activate: bool = False, move: boo
     """Verify ``source`` and put it at ``<registry>/<bundle_id>``; an intact copy already there is kept."""
     source = Path(source)
     manifest = verify_bundle(source)
-    bundle_id = str(manifest["bundle_id"])
+    bundle_id = manifest.bundle_id
     root = registry_dir(where)
     root.mkdir(parents=True, exist_ok=True)
     target = root / bundle_id
@@ -162,7 +157,7 @@ def install_bundle(source: Path, where: Where, activate: bool = False, move: boo
         else:
             shutil.copytree(source, staging)
         os.replace(staging, target)
-        logger.info("bundle installed: id=%s model=%s", bundle_id, manifest.get("model", {}).get("name"))
+        logger.info("bundle installed: id=%s model=%s", bundle_id, manifest.model.name)
     if activate:
         activate_bundle(where, bundle_id)
     return target
@@ -171,8 +166,10 @@ def install_bundle(source: Path, where: Where, activate: bool = False, move: boo
 def installed_from_checkpoint(where: Where, checkpoint_sha256: str, name: str | None = None) -> Path | None:
     """An installed bundle exported from the checkpoint with this SHA-256 (and name), if any."""
     for entry in list_bundles(where):
-        model = (entry.manifest or {}).get("model", {})
-        same_name = name is None or model.get("name") == name
-        if model.get("checkpoint", {}).get("sha256") == checkpoint_sha256 and same_name:
+        if entry.manifest is None:
+            continue
+        model = entry.manifest.model
+        same_name = name is None or model.name == name
+        if (model.checkpoint or {}).get("sha256") == checkpoint_sha256 and same_name:
             return entry.path
     return None

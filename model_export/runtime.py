@@ -25,7 +25,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from config.settings import PreprocessingSettings
-from model_export.bundle_manifest import verify_bundle
+from model_export.bundle_manifest import BundleManifest, verify_bundle
 from model_export.errors import BundleError, BundleInputError, BundleMismatchError
 from model_export.preprocessing import RECIPE_VERSION, load_volume, preprocess_volume
 from model_export.text_cleaning import text_cleaner
@@ -111,20 +111,20 @@ def _check_io(session: ort.InferenceSession, path: Path, inputs: list[str], outp
 class ModelBundle:
     """Two onnxruntime sessions, the tokenizer and the recipes of one verified bundle."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], providers: list[str], threads: int | None) -> None:
+    def __init__(self, path: Path, manifest: BundleManifest, providers: list[str], threads: int | None) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self.bundle_id: str = manifest["bundle_id"]
-        self.embedding_dim = int(manifest["embedding_dim"])
-        self.preprocessing = self._preprocessing_spec(manifest["preprocessing"])
+        self.bundle_id = manifest.bundle_id
+        self.embedding_dim = manifest.embedding_dim
+        self.preprocessing = self._preprocessing_spec(manifest.preprocessing)
         self.input_shape = (1, *self.preprocessing.target_shape)
-        self.text = TextHandling.from_manifest(manifest["text"])
+        self.text = TextHandling.from_manifest(manifest.text)
         self._clean = text_cleaner(self.text.text_preprocessing)
 
-        image, text = manifest["image_encoder"], manifest["text_encoder"]
-        self._image_input, self._image_output = image["input"], image["output"]
-        self._text_inputs, self._text_output = list(text["inputs"]), text["output"]
-        image_path, text_path = self.path / image["file"], self.path / text["file"]
+        image, text = manifest.image_encoder, manifest.text_encoder
+        self._image_input, self._image_output = image.input, image.output
+        self._text_inputs, self._text_output = list(text.inputs), text.output
+        image_path, text_path = self.path / image.file, self.path / text.file
         self._image = _session(image_path, providers, threads, memory_arena=False)
         self._text = _session(text_path, providers, threads, memory_arena=True)
         _check_io(self._image, image_path, [self._image_input], self._image_output)
@@ -133,7 +133,7 @@ class ModelBundle:
             width = session.get_outputs()[0].shape[-1]
             if isinstance(width, int) and width != self.embedding_dim:
                 raise BundleMismatchError(f"{path}: outputs {width}-d vectors, manifest says {self.embedding_dim}")
-        self.tokenizer = self._load_tokenizer(self.path / text["tokenizer"], int(text["max_tokens"]))
+        self.tokenizer = self._load_tokenizer(self.path / text.tokenizer, text.max_tokens)
         self.providers = {"image_encoder": self._image.get_providers(), "text_encoder": self._text.get_providers()}
 
     # ------------------------------------------------------------------ loading helpers
@@ -246,8 +246,8 @@ class ModelBundle:
 
     def describe(self) -> dict[str, Any]:
         """What a worker logs or reports about the loaded model (no patient data)."""
-        model = self.manifest.get("model", {})
-        return {"bundle_id": self.bundle_id, "model": model.get("name"), "version": model.get("version"),
+        model = self.manifest.model
+        return {"bundle_id": self.bundle_id, "model": model.name, "version": model.version,
                 "embedding_dim": self.embedding_dim, "input_shape": list(self.input_shape), "providers": self.providers}
 
 
@@ -267,9 +267,9 @@ def load_bundle(
     """
     path = Path(path)
     manifest = verify_bundle(path)
-    dim = int(manifest["embedding_dim"])
+    dim = manifest.embedding_dim
     if expected_dim is not None and dim != int(expected_dim):
-        raise BundleMismatchError(f"bundle {manifest['bundle_id']} embeds into {dim} dimensions, but the index it "
+        raise BundleMismatchError(f"bundle {manifest.bundle_id} embeds into {dim} dimensions, but the index it "
                                   f"is meant for holds {int(expected_dim)}-d vectors")
     if threads is not None and int(threads) < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
@@ -280,7 +280,7 @@ def load_bundle(
     bundle = ModelBundle(path, manifest, wanted, threads)
     running = sorted({name for names in bundle.providers.values() for name in names[:1]})
     logger.info("bundle loaded: id=%s model=%s dim=%d providers=%s threads=%s", bundle.bundle_id,
-                manifest.get("model", {}).get("name"), dim, bundle.providers, threads or "default")
+                manifest.model.name, dim, bundle.providers, threads or "default")
     if any(name in GPU_PROVIDERS for name in wanted) and not any(name in GPU_PROVIDERS for name in running):
         logger.warning("bundle %s: asked for %s but onnxruntime runs on %s (GPU libraries missing?)",
                        bundle.bundle_id, [n for n in wanted if n in GPU_PROVIDERS], running)

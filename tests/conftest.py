@@ -46,7 +46,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_checkpoint`` exported once through ``medfinder export`` (parity-checked). Tests must not modify it."""
-    from config.cli import main
+    from medfinder.cli import main
 
     out = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0

@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node_helpers import free_port
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE, _config
 
 from config import load_settings
 from config.settings import Settings
-from dicom_node.layout import NodeLayout
-from dicom_node.scp import StorageSCP
-from dicom_node.state import InstanceRecord, StateStore
-from node_helpers import free_port
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.store.layout import NodeLayout
+from dicom_node.store.state import InstanceRecord, StateStore
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = CTImageStorage
 
 
 def receive_settings(data_dir: Path, **node: Any) -> Settings:

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from config.settings import ResultSettings
-from dicom_node.similar_case_sr import SimilarCase, build_similar_case_sr
+from dicom_node.report.similar_case_sr import SimilarCase, build_similar_case_sr
 
 
 def synthetic_ct_header(patient_id: str = "DELIVERY-TEST", study_uid: str | None = None) -> Dataset:

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from config.cli import main
+from medfinder.cli import main
 from model_export.bundle_manifest import IMAGE_ENCODER_FILE, MANIFEST_FILE, TEXT_ENCODER_FILE, TOKENIZER_FILE
 from model_export.errors import ParityError
-from model_export.parity import long_report, require_parity
 from model_export.preprocessing import load_dicom_series, preprocess_volume
 from model_export.runtime import load_bundle
 from trainer.engine.embedding import embed_reports, embed_volume_arrays
 from trainer.engine.text_features import TextFeatureCache
+from trainer.export.parity import long_report, require_parity
 
 MIN_COSINE = 0.9999
 
@@ -102,8 +102,8 @@ def test_parity_failure_is_loud(tiny_bundle: Path, tiny_checkpoint: Path, tmp_pa
     def copy_graph(name: str):  # reuse the graphs exported from the original weights (fast, and now wrong)
         return lambda _model, path, *_args: shutil.copy(tiny_bundle / name, path)
 
-    monkeypatch.setattr("model_export.bundle_export.export_image_encoder", copy_graph(IMAGE_ENCODER_FILE))
-    monkeypatch.setattr("model_export.bundle_export.export_text_encoder", copy_graph(TEXT_ENCODER_FILE))
+    monkeypatch.setattr("trainer.export.bundle_export.export_image_encoder", copy_graph(IMAGE_ENCODER_FILE))
+    monkeypatch.setattr("trainer.export.bundle_export.export_text_encoder", copy_graph(TEXT_ENCODER_FILE))
     out = tmp_path / "bundle"
     assert main(["export", "--checkpoint", str(changed), "--out", str(out)]) == 1
     error = capsys.readouterr().err

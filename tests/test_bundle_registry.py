@@ -7,30 +7,30 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import clone_bundle
+
 from config import load_settings
-from config.cli import main
+from medfinder.cli import main
 from model_export.bundle_manifest import MANIFEST_FILE, finalize_manifest, read_manifest
 from model_export.errors import BundleError, BundleIntegrityError
-from model_export.reference import REFERENCE_NAME
 from model_export.registry import (
     ACTIVE_FILE,
+    activate_bundle,
     active_bundle_id,
     active_bundle_path,
-    activate_bundle,
     install_bundle,
     list_bundles,
     registry_dir,
 )
 from model_export.runtime import load_bundle
+from trainer.export.reference import REFERENCE_NAME
 
 
 def second_bundle(tiny_bundle: Path, target: Path) -> Path:
     """Another valid bundle with a different id (an extra file), without exporting again."""
     folder = clone_bundle(tiny_bundle, target, writable=(MANIFEST_FILE,))
     (folder / "NOTICE.txt").write_text("demo bundle\n")
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder).as_dict()
     manifest["model"]["version"] = "second"
     finalize_manifest(folder, manifest)
     return folder
@@ -47,7 +47,7 @@ def test_registry_install_list_activate(tiny_bundle: Path, tmp_path: Path, capsy
     with pytest.raises(BundleError, match="no active model bundle"):
         active_bundle_path(data)
     first = install_bundle(tiny_bundle, data)
-    assert first.parent == registry_dir(data) and first.name == read_manifest(tiny_bundle)["bundle_id"]
+    assert first.parent == registry_dir(data) and first.name == read_manifest(tiny_bundle).bundle_id
     assert install_bundle(tiny_bundle, data) == first  # same content: nothing new
     other = install_bundle(second_bundle(tiny_bundle, tmp_path / "second"), data, activate=True)
     assert other.name != first.name
@@ -92,7 +92,7 @@ def test_reference_from_a_checkpoint_installs_and_activates(
     """The whole command but torch.onnx.export itself (the session bundle's graphs of the same checkpoint are
     reused to keep the suite fast; exporting is covered by ``tiny_bundle``). Parity still runs, for real."""
     for name in ("image_encoder", "text_encoder"):
-        monkeypatch.setattr(f"model_export.bundle_export.export_{name}",
+        monkeypatch.setattr(f"trainer.export.bundle_export.export_{name}",
                             lambda _model, path, *_args, source=tiny_bundle / f"{name}.onnx": shutil.copy(source, path))
     data = tmp_path / "data"
     assert main(["bundle", "reference", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(data)]) == 0
@@ -100,7 +100,7 @@ def test_reference_from_a_checkpoint_installs_and_activates(
     assert "[1/3]" in first_run and "[3/3]" in first_run and "not a clinical model" in first_run
     (entry,) = list_bundles(data)
     assert entry.active and entry.name == REFERENCE_NAME
-    assert entry.manifest["parity"]["min_cosine"] >= 0.9999
+    assert entry.manifest.parity["min_cosine"] >= 0.9999
     assert [p.name for p in registry_dir(data).iterdir() if p.name.startswith(".")] == []  # no staging left over
 
     assert main(["bundle", "reference", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(data)]) == 0
@@ -122,8 +122,8 @@ def test_reference_trains_and_evaluates_once_then_reuses_the_run(
     assert "training MedFinder" in first and "[3/3]" in first
     assert (run_dir / "best.pt").is_file() and (run_dir / "eval-test.json").is_file()
     (entry,) = list_bundles(data)
-    assert entry.active and entry.name == REFERENCE_NAME and entry.manifest["parity"]["min_cosine"] >= 0.9999
-    assert entry.manifest["metrics"]["test"] is not None  # the evaluation beside best.pt went into the manifest
+    assert entry.active and entry.name == REFERENCE_NAME and entry.manifest.parity["min_cosine"] >= 0.9999
+    assert entry.manifest.metrics["test"] is not None  # the evaluation beside best.pt went into the manifest
     stamp = (run_dir / "best.pt").stat().st_mtime_ns
     assert main(command) == 0
     second = capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_reference_trains_and_evaluates_once_then_reuses_the_run(
 
 
 def test_reference_defaults_to_the_synthetic_cpu_preset() -> None:
-    from config.cli import build_parser
+    from medfinder.cli import build_parser
 
     args = build_parser().parse_args(["bundle", "reference"])
     assert args.config == "synthetic-cpu"

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from node_helpers import require_tools
 from pydicom import dcmread
 
-from dicom_node.codecs import (ACCEPTED_TRANSFER_SYNTAXES, check_decoders, decodable_transfer_syntaxes,
-                               gpl_decoders_installed)
-from node_helpers import require_tools
+from dicom_node.receive.codecs import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    check_decoders,
+    decodable_transfer_syntaxes,
+    gpl_decoders_installed,
+)
 
 LOSSLESS = ("J2KR", "JLSL", "JPLL", "RLE")
 # JPEG-LS near-lossless guarantees |error| <= NEAR per sample; these files were made with NEAR = 4 (WG-04
@@ -56,12 +60,12 @@ def test_no_gpl_decoder_installed() -> None:
 def test_start_up_check_logs_missing_decoders(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
                                               ) -> None:
     """With a decoder made unavailable, the start-up check names the syntax in a warning."""
-    import dicom_node.codecs as codecs
+    import dicom_node.receive.codecs as codecs
 
     real = codecs.decodable_transfer_syntaxes()
     monkeypatch.setattr(codecs, "decodable_transfer_syntaxes",
                         lambda: {**real, "1.2.840.10008.1.2.4.70": False})
-    with caplog.at_level(logging.WARNING, logger="dicom_node.codecs"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.receive.codecs"):
         table = check_decoders()
     assert table["1.2.840.10008.1.2.4.70"] is False
     assert any("event=codec_missing" in r.message and "1.2.840.10008.1.2.4.70" in r.getMessage()

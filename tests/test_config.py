@@ -83,7 +83,7 @@ def test_biomedclip_without_a_folder_is_refused() -> None:
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "config.cli", "train", "--out", str(tmp_path), "--set", "train.epochs=-1"],
+        [sys.executable, "-m", "medfinder", "train", "--out", str(tmp_path), "--set", "train.epochs=-1"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

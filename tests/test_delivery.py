@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import dataset_bytes, free_port, storescp
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sr_helpers import write_sr
 
 from config import load_settings
-from dicom_node.delivery import DeliveryWorker, backoff_delay, send_file
-from dicom_node.state import DeliveryState, StateStore
-from node_helpers import dataset_bytes, free_port, storescp
-from sr_helpers import write_sr
+from dicom_node.deliver.delivery import DeliveryWorker, backoff_delay, send_file
+from dicom_node.store.state import DeliveryState, StateStore
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from config import load_settings
-from dicom_node.layout import NodeLayout
 from workers.index import IndexMismatchError, VectorIndex, open_index, point_id_for
 
 DIM = 8
@@ -35,11 +34,11 @@ def _settings(kind: str, root: Path, **index: object):
 @pytest.fixture(params=BACKENDS)
 def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., VectorIndex]]:
     """Opens the parametrised backend on one data folder (again after a close = a reopen from disk)."""
-    layout = NodeLayout.create(tmp_path / "data")
+    index_folder = tmp_path / "data" / "index"
     opened: list[VectorIndex] = []
 
     def factory(**index: object) -> VectorIndex:
-        handle = open_index(_settings(request.param, tmp_path, **index), layout)
+        handle = open_index(_settings(request.param, tmp_path, **index), index_folder)
         opened.append(handle)
         return handle
 
@@ -198,14 +197,14 @@ def test_point_ids_are_deterministic_uuid5() -> None:
 
 
 def test_edge_records_bundle_beside_the_shard_and_has_one_owner(tmp_path: Path) -> None:
-    layout = NodeLayout.create(tmp_path / "data")
+    index_folder = tmp_path / "data" / "index"
     settings = _settings("edge", tmp_path)
-    index = open_index(settings, layout)
+    index = open_index(settings, index_folder)
     try:
         index.ensure_collection(BUNDLE, DIM)
-        recorded = json.loads((layout.index / settings.index.collection / "collection.json").read_text())
+        recorded = json.loads((index_folder / settings.index.collection / "collection.json").read_text())
         assert (recorded["bundle_id"], recorded["dim"]) == (BUNDLE, DIM)
-        second = open_index(settings, layout)
+        second = open_index(settings, index_folder)
         with pytest.raises(RuntimeError, match="another process|one owner"):
             second.ensure_collection(BUNDLE, DIM)
     finally:
@@ -214,7 +213,7 @@ def test_edge_records_bundle_beside_the_shard_and_has_one_owner(tmp_path: Path) 
 
 def test_qdrant_backend_in_memory_local_mode(tmp_path: Path) -> None:
     """``index.url: ':memory:'`` = qdrant-client local mode without files (stands in for a server URL)."""
-    index = open_index(_settings("qdrant", tmp_path, url=":memory:"), NodeLayout.create(tmp_path / "data"))
+    index = open_index(_settings("qdrant", tmp_path, url=":memory:"), tmp_path / "data" / "index")
     try:
         index.ensure_collection(BUNDLE, DIM)
         _fill(index, _vectors(3, seed=6), ["a", "b", "c"])

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from node_helpers import echoscu, free_port, storescp, storescu, wait_for
 
 from config import Settings, load_settings
 from dicom_node.node import Node
-from dicom_node.state import DeliveryState, StudyState
+from dicom_node.store.state import DeliveryState, StudyState
 from model_export.registry import install_bundle
-from node_helpers import echoscu, free_port, storescp, storescu, wait_for
 
 SHORT_SERIES = "Lung_Dx-A0002_series2_B70f"  # 30 slices
 

@@ -13,17 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+from node_helpers import dataset_bytes, echoscu, meta_end, nodelay_env, require_tools, storescp, storescu, wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-from dicom_node.ingest import (STATUS_BAD_UIDS, STATUS_OUT_OF_RESOURCES, STATUS_SOP_CLASS_MISMATCH,
-                               STATUS_SOP_INSTANCE_MISMATCH, STATUS_UNREADABLE, Ingestor, reconcile_spool)
-from dicom_node.layout import NodeLayout
-from dicom_node.state import StateStore
-from node_helpers import (dataset_bytes, echoscu, meta_end, nodelay_env, require_tools, storescp, storescu,
-                          wait_for)
+from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 from receive_helpers import CT_IMAGE_STORAGE, receive_settings, running_scp, send_dataset, send_files
+
+from dicom_node.receive.ingest import (
+    STATUS_BAD_UIDS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_SOP_INSTANCE_MISMATCH,
+    STATUS_UNREADABLE,
+    Ingestor,
+    reconcile_spool,
+)
+from dicom_node.store.layout import NodeLayout
+from dicom_node.store.state import StateStore
 
 SERIES = "Lung_Dx-A0002_series2_B70f"  # 30 slices, Explicit VR Little Endian
 SERIES_IMPLICIT = "Lung_Dx-A0001_series2_5mm"  # 64 slices, Implicit VR Little Endian
@@ -296,7 +302,7 @@ def test_sop_class_mismatch_and_low_disk(tmp_path: Path, lung_ct_dir: Path) -> N
     try:
         ingestor = Ingestor(receive_settings(layout.root), layout, store)
         outcome = ingestor.store_encoded(data, calling_ae="X", peer_ip="127.0.0.1",
-                                         sop_class_uid="1.2.840.10008.5.1.4.1.1.2.1", sop_instance_uid=uid)
+                                         sop_class_uid=EnhancedCTImageStorage, sop_instance_uid=uid)
         assert outcome.status == STATUS_SOP_CLASS_MISMATCH and "SOP Class" in outcome.comment
         assert len(_quarantined(layout)) == 1
 

@@ -8,14 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from config.settings import SeriesSelectionSettings
-from dicom_node.series_selection import SeriesSummary, choose_series, judge_series, summarise_series
+from workers.series_selection import SeriesSummary, choose_series, judge_series, summarise_series
 
 RULES = SeriesSelectionSettings(min_slices=20)
 AXIAL = SeriesSummary(series_uid="1.2.3.1", folder=Path("/x/1.2.3.1"), n_instances=120, modality="CT",
                       description="CHEST 1.25mm", image_types=("ORIGINAL", "PRIMARY", "AXIAL"),
-                      axial_tilt_deg=0.0, slice_thickness=1.25, sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
+                      axial_tilt_deg=0.0, slice_thickness=1.25, sop_class_uid=CTImageStorage)
 
 
 def test_each_rule_refuses_with_its_reason() -> None:
@@ -25,7 +26,7 @@ def test_each_rule_refuses_with_its_reason() -> None:
         "not axial": replace(AXIAL, axial_tilt_deg=90.0, description="COR MPR"),
         "only 12 slice(s)": replace(AXIAL, n_instances=12),
         "modality PT": replace(AXIAL, modality="PT"),
-        "Enhanced CT": replace(AXIAL, sop_class_uid="1.2.840.10008.5.1.4.1.1.2.1"),
+        "Enhanced CT": replace(AXIAL, sop_class_uid=EnhancedCTImageStorage),
         "no usable ImageOrientationPatient": replace(AXIAL, axial_tilt_deg=None),
     }
     for expected, summary in cases.items():

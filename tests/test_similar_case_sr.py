@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import dciodvfy, require_tools
 
 from config.settings import ResultSettings
-from dicom_node.layout import UID_PATTERN
-from dicom_node.similar_case_sr import (SCHEME, SR_SERIES_NUMBER, SimilarCase, build_similar_case_sr, case_summary,
-                                        device_uid)
-from dicom_node.uids import deterministic_uid
-from node_helpers import dciodvfy, require_tools
+from dicom_node.report.similar_case_sr import (
+    SCHEME,
+    SR_SERIES_NUMBER,
+    SimilarCase,
+    build_similar_case_sr,
+    case_summary,
+    device_uid,
+)
+from dicom_node.report.uids import deterministic_uid
+from dicom_node.store.layout import UID_PATTERN
 
 SETTINGS = ResultSettings()
 BUNDLE_ID = "medfinder-ref-0123abcd"

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.reporting import batch_mates_pending
-from dicom_node.state import DeliveryState, InstanceRecord, StateStore, StudyState
+from pydicom.uid import CTImageStorage
+
+from dicom_node.pipeline.batching import batch_mates_pending
+from dicom_node.store.state import DeliveryState, InstanceRecord, StateStore, StudyState
 
 STUDY = "1.2.3"
 
 
 def record(sop: str, study: str = STUDY, series: str = "1.2.3.4") -> InstanceRecord:
-    return InstanceRecord(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    return InstanceRecord(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=CTImageStorage,
                           transfer_syntax="1.2.840.10008.1.2", path=Path(f"/spool/{sop}.dcm"), size=10)
 
 

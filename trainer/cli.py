@@ -1,4 +1,5 @@
-"""Trainer subcommands: ``train``, ``evaluate`` and ``data`` (manifest builders, synthetic benchmark)."""
+"""Trainer subcommands: ``train``, ``evaluate``, ``ablate``, ``label-bound``, ``data`` (manifest builders, synthetic
+benchmark), and the bundle-making ``export`` and ``bundle reference``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
-from config.cli import add_config_arguments, settings_from_args
+from config.arguments import add_config_arguments, settings_from_args
 from trainer.evaluation.ablation import VARIANTS
+from trainer.export import cli as export_cli
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, bundle_actions: argparse._SubParsersAction) -> None:
+    """Add the trainer's subcommands; ``export`` and ``bundle reference`` come from :mod:`trainer.export.cli`."""
+    export_cli.register(subparsers, bundle_actions)
     train = subparsers.add_parser("train", help="train MedFinder; writes OUT/best.pt, OUT/last.pt, OUT/metrics.jsonl")
     add_config_arguments(train)
     train.add_argument("--out", required=True, type=Path, help="run folder")

@@ -1,6 +1,10 @@
-"""Embedding workers: received study -> series selection -> shared preprocessing -> ONNX bundle -> outcome.
+"""What the node drives: received study -> series selection -> shared preprocessing -> ONNX bundle -> outcome.
 
-``workers.embed_study`` is the task body (the same code in both modes); ``workers.celery`` its Celery app
-(``celery -A workers worker``); ``workers.dispatch`` how the node hands work over; ``workers.index`` the vector
-index backends. Workers never import ``trainer``: the model bundle is their only contract with training.
+``handoff`` (the typed request and outcome between node and worker, with the outcome's reader and writer),
+``series_selection`` (which series of a study is embedded, and why), ``embed_study`` (the task body, the same
+code in both modes), ``celery`` (its Celery app: ``celery -A workers worker``), ``dispatch`` (how the node hands
+work over: threads or Celery), ``index`` (the vector index backends).
+
+May import: ``model_export`` and ``config``. Never ``dicom_node`` (the hand-off names the folders a task reads
+and writes) and never ``trainer``: the model bundle is the workers' only contract with training.
 """

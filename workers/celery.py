@@ -59,11 +59,15 @@ app = make_celery(worker_settings())
 
 
 @app.task(name=EMBED_TASK)
-def embed_study_task(study_uid: str, version: int, bundle_id: str) -> str:
-    """Celery face of :func:`workers.embed_study.embed_study` (the same code as embedded mode)."""
-    from workers.embed_study import embed_study
+def embed_study_task(request: dict[str, Any]) -> str:
+    """Celery face of :func:`workers.embed_study.embed_study` (the same code as embedded mode).
 
-    return embed_study(worker_settings(), study_uid, int(version), bundle_id)
+    ``request``: an :class:`~workers.handoff.EmbedRequest` as JSON (Celery messages carry JSON only).
+    """
+    from workers.embed_study import embed_study
+    from workers.handoff import EmbedRequest
+
+    return embed_study(worker_settings(), EmbedRequest.model_validate(request)).value
 
 
 @worker_process_init.connect

@@ -1,7 +1,8 @@
-"""How the node hands a study version to ``embed_study``: threads in-process, or Celery through Redis.
+"""How the node hands an :class:`~workers.handoff.EmbedRequest` to ``embed_study``: threads in-process, or
+Celery through Redis.
 
-Both dispatchers only *notify*: the task writes its outcome into the spool and the node polls for it, so a
-lost notification (a node or broker restart) costs a re-dispatch, never a study.
+Both dispatchers only *notify*: the task writes its outcome where the request says and the node polls for it,
+so a lost notification (a node or broker restart) costs a re-dispatch, never a study.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from config import Settings
+from workers.handoff import EmbedRequest
 
 logger = logging.getLogger(__name__)
 
 
 class Dispatcher(Protocol):
-    def submit(self, study_uid: str, version: int, bundle_id: str) -> None: ...
+    def submit(self, request: EmbedRequest) -> None: ...
 
     def close(self) -> None: ...
 
@@ -28,10 +30,10 @@ class ThreadDispatcher:
         self.settings = settings
         self._pool = ThreadPoolExecutor(max_workers=settings.workers.embedded_threads, thread_name_prefix="embed")
 
-    def submit(self, study_uid: str, version: int, bundle_id: str) -> None:
+    def submit(self, request: EmbedRequest) -> None:
         from workers.embed_study import embed_study
 
-        future = self._pool.submit(embed_study, self.settings, study_uid, version, bundle_id)
+        future = self._pool.submit(embed_study, self.settings, request)
         future.add_done_callback(_log_crash)
 
     def close(self) -> None:
@@ -54,8 +56,8 @@ class CeleryDispatcher:
         self._task = EMBED_TASK
         self._app = make_celery(settings)
 
-    def submit(self, study_uid: str, version: int, bundle_id: str) -> None:
-        self._app.send_task(self._task, args=[study_uid, version, bundle_id], queue=self.settings.workers.queue)
+    def submit(self, request: EmbedRequest) -> None:
+        self._app.send_task(self._task, args=[request.model_dump(mode="json")], queue=self.settings.workers.queue)
 
     def close(self) -> None:
         self._app.close()

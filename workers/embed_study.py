@@ -1,39 +1,31 @@
-"""The ``embed_study`` task body: one study version in the spool -> an *outcome* file beside it.
+"""The ``embed_study`` task body: one :class:`~workers.handoff.EmbedRequest` -> an outcome file.
 
 It runs unchanged in a thread of the node (embedded mode) and in a Celery worker process on a GPU machine
-(distributed mode); both read the spool and write the outcome on the node's data folder (shared storage).
-The outcome file — written atomically, named by study and result version — is the worker's only output: the
-node, which owns the index and the state store, picks it up, upserts the vector and reports. Re-running a
-version rewrites the same file, so redelivered or re-dispatched tasks are harmless.
-
-Outcome statuses: ``embedded`` (vector + payload), ``not_embedded`` (no series qualifies: the reason and each
-series' verdict), ``failed`` (the selected series could not be read or embedded: the error).
+(distributed mode); both read the spooled study and write the outcome where the request says (the node's data
+folder, shared storage in distributed mode). The outcome — written atomically — is the worker's only output:
+the node, which owns the index and the state store, picks it up, upserts the vector and reports. Re-running a
+request rewrites the same file, so redelivered or re-dispatched tasks are harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pydicom
 
 from config import Settings
-from dicom_node.layout import NodeLayout, write_atomic
-from dicom_node.series_selection import choose_series, summarise_series
 from model_export.preprocessing import VolumeError, load_dicom_series, preprocess_volume
 from model_export.registry import find_bundle
 from model_export.runtime import ModelBundle, load_bundle
+from workers.handoff import EmbedOutcome, EmbedRequest, EmbedStatus, StudyPayload, write_outcome
+from workers.series_selection import choose_series, read_first_header, summarise_series
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED, NOT_EMBEDDED, FAILED = "embedded", "not_embedded", "failed"
 
 # Header fields copied into the index payload (no names, no raw patient id).
 PAYLOAD_FIELDS = {
@@ -67,41 +59,31 @@ def patient_pseudonym(key: bytes, patient_id: str, issuer: str = "") -> str:
     return hmac.new(key, f"{issuer}|{patient_id}".encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
-def index_payload(header: pydicom.Dataset, key: bytes) -> dict[str, Any]:
+def study_payload(header: pydicom.Dataset, key: bytes, *, bundle_id: str, version: int,
+                  n_slices: int) -> StudyPayload:
     """The searchable metadata of one study, from one header of its chosen series."""
-    payload: dict[str, Any] = {
-        "study_uid": str(header.get("StudyInstanceUID", "")),
-        "series_uid": str(header.get("SeriesInstanceUID", "")),
-    }
-    for name, keyword in PAYLOAD_FIELDS.items():
-        value = header.get(keyword)
-        payload[name] = str(value) if value not in (None, "") else None
+    fields: dict[str, Any] = {name: (str(value) if (value := header.get(keyword)) not in (None, "") else None)
+                              for name, keyword in PAYLOAD_FIELDS.items()}
     patient_id = str(header.get("PatientID", "") or "")
-    payload["patient_pseudonym"] = (
-        patient_pseudonym(key, patient_id, str(header.get("IssuerOfPatientID", "") or "")) if patient_id else None
-    )
-    return payload
+    pseudonym = (patient_pseudonym(key, patient_id, str(header.get("IssuerOfPatientID", "") or ""))
+                 if patient_id else None)
+    return StudyPayload(study_uid=str(header.get("StudyInstanceUID", "")),
+                        series_uid=str(header.get("SeriesInstanceUID", "")), patient_pseudonym=pseudonym,
+                        bundle_id=bundle_id, result_version=version, n_slices=n_slices, **fields)
 
 
-def _outcome(study_uid: str, version: int, bundle_id: str, status: str, **fields: Any) -> dict[str, Any]:
-    return {"study_uid": study_uid, "version": version, "bundle_id": bundle_id, "status": status,
-            "worker": socket.gethostname(), "finished_at": time.time(), **fields}
-
-
-def compute_outcome(settings: Settings, layout: NodeLayout, study_uid: str, version: int,
-                    bundle_id: str) -> dict[str, Any]:
+def compute_outcome(settings: Settings, request: EmbedRequest) -> EmbedOutcome:
     """Select, load, preprocess and embed; never raises for bad studies (the outcome says what went wrong)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    files = layout.study_files(study_uid)
-    choice = choose_series(summarise_series(files), settings.selection)
+    choice = choose_series(summarise_series(sorted(request.study_folder.glob("*/*.dcm"))), settings.selection)
     timings["select_s"] = time.perf_counter() - started
     if choice.series_uid is None:
-        return _outcome(study_uid, version, bundle_id, NOT_EMBEDDED, reason=choice.reason,
-                        selection=choice.as_dict(), timings=timings)
-    series_folder = layout.study_spool(study_uid) / choice.series_uid
+        return EmbedOutcome.for_request(request, EmbedStatus.NOT_EMBEDDED, reason=choice.reason,
+                                        selection=choice.as_dict(), timings=timings)
+    series_folder = request.study_folder / choice.series_uid
     try:
-        bundle = bundle_for(settings, bundle_id)
+        bundle = bundle_for(settings, request.bundle_id)
         step = time.perf_counter()
         volume = load_dicom_series(series_folder)
         timings["decode_s"] = time.perf_counter() - step
@@ -111,39 +93,31 @@ def compute_outcome(settings: Settings, layout: NodeLayout, study_uid: str, vers
         step = time.perf_counter()
         vector = bundle.embed_volume(array)
         timings["embed_s"] = time.perf_counter() - step
-        header = pydicom.dcmread(next(iter(sorted(series_folder.glob("*.dcm")))), stop_before_pixels=True)
+        header = read_first_header(series_folder)
     except VolumeError as error:
-        return _outcome(study_uid, version, bundle_id, FAILED, reason=f"series {choice.series_uid}: {error}",
-                        series_uid=choice.series_uid, selection=choice.as_dict(), timings=timings)
-    payload = index_payload(header, layout.pseudonym_key())
-    payload.update(bundle_id=bundle_id, result_version=version, n_slices=int(volume.shape[2]))
-    return _outcome(study_uid, version, bundle_id, EMBEDDED, series_uid=choice.series_uid,
-                    selection=choice.as_dict(), vector=[float(v) for v in vector], payload=payload, timings=timings)
+        return EmbedOutcome.for_request(request, EmbedStatus.FAILED, reason=f"series {choice.series_uid}: {error}",
+                                        series_uid=choice.series_uid, selection=choice.as_dict(), timings=timings)
+    payload = study_payload(header, request.pseudonym_key_file.read_bytes(), bundle_id=request.bundle_id,
+                            version=request.version, n_slices=int(volume.shape[2]))
+    return EmbedOutcome.for_request(request, EmbedStatus.EMBEDDED, series_uid=choice.series_uid,
+                                    selection=choice.as_dict(), vector=[float(v) for v in vector], payload=payload,
+                                    timings=timings)
 
 
-def embed_study(settings: Settings, study_uid: str, version: int, bundle_id: str) -> str:
+def embed_study(settings: Settings, request: EmbedRequest) -> EmbedStatus:
     """Compute and write the outcome of one study version; returns its status.
 
     Unexpected errors (a broken bundle, a full disk) are written as a ``failed`` outcome too, so the node never
     waits for an outcome that cannot come; they are logged with their traceback.
     """
-    layout = NodeLayout.create(settings.paths.data_dir)
     started = time.perf_counter()
     try:
-        outcome = compute_outcome(settings, layout, study_uid, version, bundle_id)
+        outcome = compute_outcome(settings, request)
     except Exception as error:  # noqa: BLE001 - recorded in the outcome, with the traceback in the log
-        logger.exception("event=embed_error study_uid=%s version=%d", study_uid, version)
-        outcome = _outcome(study_uid, version, bundle_id, FAILED, reason=f"{type(error).__name__}: {error}")
-    outcome.setdefault("timings", {})["total_s"] = time.perf_counter() - started
-    write_atomic(layout.outcome_path(study_uid, version), json.dumps(outcome).encode("utf-8"))
-    logger.info("event=embed_done study_uid=%s version=%d status=%s seconds=%.2f", study_uid, version,
-                outcome["status"], outcome["timings"]["total_s"])
-    return str(outcome["status"])
-
-
-def read_outcome(path: Path) -> dict[str, Any] | None:
-    """A written outcome, or None while it does not exist yet."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+        logger.exception("event=embed_error study_uid=%s version=%d", request.study_uid, request.version)
+        outcome = EmbedOutcome.for_request(request, EmbedStatus.FAILED, reason=f"{type(error).__name__}: {error}")
+    outcome.timings["total_s"] = time.perf_counter() - started
+    write_outcome(request.outcome_path, outcome)
+    logger.info("event=embed_done study_uid=%s version=%d status=%s seconds=%.2f", request.study_uid,
+                request.version, outcome.status.value, outcome.timings["total_s"])
+    return outcome.status

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from config.settings import SyntheticSettings
+from model_export.atomic_files import atomic_path, write_text_atomic
 from trainer.data.manifest import ManifestRow, write_manifest
 
 from .synthetic_anatomy import procedural_chest
@@ -214,13 +215,6 @@ def _cached_manifest(out_dir: Path, key: dict[str, Any]) -> Path | None:
     return manifest
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary sibling and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def benchmark_prevalence(manifest_rows: Iterable[ManifestRow]) -> dict[str, float]:
     """Fraction of rows carrying each finding label (all :data:`FINDINGS`, plus any other label seen)."""
     rows = list(manifest_rows)
@@ -245,9 +239,8 @@ def _write_case(
     """Generate one study, write its NIfTI atomically; returns its manifest row and benchmark record."""
     case = generate_case(settings, split, index, real_by_split)
     path = volumes_dir / f"{case.volume_id}.nii.gz"
-    tmp = volumes_dir / f".tmp-{case.volume_id}.nii.gz"
-    nib.save(oriented_image(case.hu, case.spacing, case.orientation), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        nib.save(oriented_image(case.hu, case.spacing, case.orientation), temporary)
     row = ManifestRow(case.volume_id, path, case.report.text, case.background_id, case.labels, split)
     return row, case.record()
 
@@ -349,9 +342,8 @@ def generate_synthetic_benchmark(
             stale.unlink()
 
     manifest = out_dir / MANIFEST_FILE
-    tmp_manifest = out_dir / f".{MANIFEST_FILE}.tmp"
-    write_manifest(tmp_manifest, rows, relative_to=out_dir)
-    os.replace(tmp_manifest, manifest)
+    with atomic_path(manifest) as temporary:
+        write_manifest(temporary, rows, relative_to=out_dir)
 
     words = [r["report_words"] for r in records.values()]
     by_split = {split: [r for r in rows if r.split == split] for split, _ in plan}
@@ -373,7 +365,7 @@ def generate_synthetic_benchmark(
         "generation_seconds": round(time.perf_counter() - started, 2),
         "volumes": records,
     }
-    _atomic_write_text(out_dir / BENCHMARK_FILE, json.dumps(summary, indent=1))
+    write_text_atomic(out_dir / BENCHMARK_FILE, json.dumps(summary, indent=1))
     log.info("synthetic benchmark: %d volumes in %.1f s -> %s", len(rows), summary["generation_seconds"], manifest)
     return manifest
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from config.settings import PreprocessingSettings
+from model_export.atomic_files import atomic_path
 from model_export.preprocessing import VolumeError, preprocess_path
 from trainer.data.manifest import ManifestRow
 from trainer.data.row_checks import UNREADABLE, BadRow, RowPolicy, validate_manifest
@@ -77,10 +77,8 @@ class PreprocessCache:
         if target.exists():
             return np.load(target)
         array = preprocess_path(row.volume, self.spec).astype(np.float16)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(temporary, array)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary:
+            np.save(temporary, array)
         return array
 
 

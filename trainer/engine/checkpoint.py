@@ -7,13 +7,14 @@ the best validation metric and the metrics of the last validation. Writes are at
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from model_export.atomic_files import atomic_path
 
 CHECKPOINT_FORMAT = "medfinder-checkpoint/1"
 
@@ -42,10 +43,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (with the format tag) to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, temporary)
     return path
 
 

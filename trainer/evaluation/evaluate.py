@@ -24,7 +24,8 @@ from trainer.data.volumes import VolumeSet, load_volume_set
 from trainer.engine.embedding import embed_reports, embed_volume_arrays
 from trainer.engine.loop import TrainResult, build_model, load_trained_model, seed_everything, train
 from trainer.engine.text_features import TextFeatureCache
-from trainer.evaluation.metrics import evaluate_embeddings, image_to_image_precision, keyword_precision
+from trainer.evaluation.metrics import (MEAN_KEY, chance_recall, evaluate_embeddings, image_to_image_precision,
+                                        keyword_precision)
 from trainer.evaluation.report import (
     format_image_table,
     format_keyword_table,
@@ -38,6 +39,11 @@ logger = logging.getLogger(__name__)
 TRAINED = "MedFinder (trained)"
 UNTRAINED = "untrained MedFinder (random init)"
 RAW_VOXELS = "raw voxels, cosine (non-learned)"
+
+# The flat figures every ``eval-<split>.json`` carries at its top level (issue 2), whatever the configured Ks.
+CONTRACT_RANK_KEYS: tuple[str, ...] = ("R@1", "R@5", "R@10", "MdR", "MnR")
+CONTRACT_KEYWORD_KEYS: tuple[str, ...] = ("P@20", "P@50", "P@100")
+CONTRACT_CHANCE_K = 10
 
 
 def raw_voxel_embeddings(arrays: np.ndarray, size: int = 16) -> np.ndarray:
@@ -116,11 +122,48 @@ def evaluate_checkpoint(
         )
     tables = render_tables(payload)
     payload["tables"] = tables
+    payload.update(contract_figures(payload))
     out = out or Path(checkpoint).with_name(f"eval-{split}.json")
     write_results_json(out, payload)
     print(tables)
     print(f"results written to {out}")
     return payload
+
+
+def _contract_method(entry: dict[str, Any]) -> dict[str, Any]:
+    """One method's contract figures: both retrieval directions and the in-context keyword P@K per finding."""
+    keywords = entry.get("keyword", {})
+    return {
+        "t2i": {key: entry["t2i"].get(key) for key in CONTRACT_RANK_KEYS},
+        "i2t": {key: entry["i2t"].get(key) for key in CONTRACT_RANK_KEYS},
+        "keyword": {
+            name: {key: figures.get(key) for key in CONTRACT_KEYWORD_KEYS}
+            for name, figures in keywords.items()
+            if name != MEAN_KEY
+        },
+    }
+
+
+def contract_figures(payload: dict[str, Any]) -> dict[str, Any]:
+    """Issue 2's contract: a stable, flat shape for tools and CI to read, copied from ``payload["results"]``.
+
+    ``{"n", "chance": {"R@10"}, "t2i", "i2t", "keyword", "baseline"}``; ``t2i``/``i2t`` hold the trained
+    model's R@1/R@5/R@10 (%), MdR, MnR; ``keyword`` its P@20/50/100 (fractions) per finding with the in-context
+    queries; ``baseline`` the untrained model in the same shape, or None without baselines. Nothing is
+    recomputed: chance R@10 is the one :func:`recall_metrics` stored (100*min(10, N)/N %, the same both ways).
+    A K the run was not configured for is null, so the keys never change.
+    """
+    results = payload["results"]
+    trained = results[TRAINED]
+    chance = trained["t2i"]["chance"]
+    key = f"R@{CONTRACT_CHANCE_K}"
+    chance_r10 = chance[key] if key in chance else chance_recall(payload["N"], (CONTRACT_CHANCE_K,))[key]
+    return {
+        "n": payload["N"],
+        "chance": {key: chance_r10},
+        **_contract_method(trained),
+        "baseline": _contract_method(results[UNTRAINED]) if UNTRAINED in results else None,
+    }
 
 
 def train_and_evaluate(settings: Settings, run_dir: Path, resume: bool = True) -> tuple[TrainResult, dict[str, Any]]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model_export.atomic_files import write_text_atomic
 from trainer.evaluation.metrics import MEAN_KEY
 
 CHANCE_ROW = "chance"
@@ -224,9 +224,5 @@ def _plain(value: Any) -> Any:
 
 def write_results_json(path: str | Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as strict JSON (sorted keys, indent 2), atomically so a reader never sees half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_plain(payload), sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, target)
+    write_text_atomic(path, text)

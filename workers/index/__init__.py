@@ -7,20 +7,24 @@ The backend modules are imported on demand, so a process only loads the client l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from config import Settings
-from dicom_node.layout import NodeLayout
 from workers.index.base import IndexMismatchError, Match, VectorIndex, point_id_for
 
 __all__ = ["IndexMismatchError", "Match", "VectorIndex", "open_index", "point_id_for"]
 
 
-def open_index(settings: Settings, layout: NodeLayout) -> VectorIndex:
-    """The configured backend; call ``ensure_collection(bundle_id, dim)`` on it before use."""
+def open_index(settings: Settings, folder: Path) -> VectorIndex:
+    """The configured backend; call ``ensure_collection(bundle_id, dim)`` on it before use.
+
+    ``folder``: where the edge backend keeps its shards (one sub-folder per collection).
+    """
     index = settings.index
     if index.backend == "edge":
         from workers.index.edge import EdgeIndex
 
-        return EdgeIndex(layout.index / index.collection, hnsw_ef=index.hnsw_ef)
+        return EdgeIndex(folder / index.collection, hnsw_ef=index.hnsw_ef)
     from workers.index.server import ServerIndex
 
     assert index.url is not None  # the settings validator requires it for this backend

@@ -25,9 +25,8 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from dicom_node.layout import write_atomic
-from workers.index.base import (INDEXED_FIELDS, IndexMismatchError, Match, check_identity, check_request,
-                                checked_vector)
+from model_export.atomic_files import write_atomic
+from workers.index.base import INDEXED_FIELDS, IndexMismatchError, Match, check_identity, check_request, checked_vector
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ rebuilding a result version gives the same SOP Instance UID and a re-send is a h
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -30,15 +29,24 @@ from importlib import metadata as importlib_metadata
 
 import highdicom as hd
 import pydicom
-from highdicom.sr import (AlgorithmIdentification, CodedConcept, ContainerContentItem,
-                          DeviceObserverIdentifyingAttributes, NumContentItem, ObservationContext, ObserverContext,
-                          RelationshipTypeValues, TextContentItem, UIDRefContentItem)
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ContainerContentItem,
+    DeviceObserverIdentifyingAttributes,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    RelationshipTypeValues,
+    TextContentItem,
+    UIDRefContentItem,
+)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from config.settings import ResultSettings
-from dicom_node.layout import check_uid
-from dicom_node.uids import deterministic_uid
+from dicom_node.report.uids import deterministic_uid
+from dicom_node.store.layout import check_uid
 
 SCHEME = "99MEDFINDER"
 IHE_SCHEME = "99IHE"

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from config import Settings
-from dicom_node.state import DeliveryRow, DeliveryState, StateStore
+from dicom_node.store.state import DeliveryRow, DeliveryState, StateStore
 
 logger = logging.getLogger(__name__)
 

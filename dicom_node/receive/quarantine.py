@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dicom_node.layout import NodeLayout, write_atomic
+from dicom_node.store.layout import NodeLayout
+from model_export.atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The storage SCP PACS route CTs to: pynetdicom AE with Verification and CT storage, source control at
-association, and a C-STORE handler that only validates and writes (:class:`dicom_node.ingest.Ingestor`).
+association, and a C-STORE handler that only validates and writes (:class:`dicom_node.receive.ingest.Ingestor`).
 
 Source control happens during association negotiation, so an unknown source gets an A-ASSOCIATE-RJ
 (permanent, "calling AE title not recognized") and never a chance to send: pynetdicom's own
@@ -29,10 +29,10 @@ from pynetdicom.acse import ACSE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from config.settings import AllowedSource, Settings
-from dicom_node.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
-from dicom_node.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
-from dicom_node.layout import NodeLayout
-from dicom_node.state import InstanceRecord, StateStore
+from dicom_node.receive.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
+from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
+from dicom_node.store.layout import NodeLayout
+from dicom_node.store.state import InstanceRecord, StateStore
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from config import Settings
 from model_export.bundle_manifest import sha256_file
 from model_export.registry import (
-    active_bundle_id,
     activate_bundle,
+    active_bundle_id,
     install_bundle,
     installed_from_checkpoint,
     registry_dir,
@@ -73,8 +73,8 @@ def build_reference_bundle(
             report(f"[2/3] bundle {existing.name} from this checkpoint was installed: activated it")
         return existing
 
-    from model_export.bundle_export import export_bundle
-    from model_export.parity import find_real_series
+    from trainer.export.bundle_export import export_bundle
+    from trainer.export.parity import find_real_series
 
     report("[2/3] exporting the ONNX bundle and checking parity")
     staging = registry_dir(settings) / f".reference-export-{os.getpid()}"

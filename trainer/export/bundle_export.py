@@ -2,7 +2,7 @@
 
 Steps: rebuild the model from the checkpoint's settings, export both ONNX graphs, write the configured
 tokenizer, write the manifest (hashes, recipes, versions, training data, metrics), load the folder through
-the serving runtime on CPU and compare it with PyTorch (:mod:`model_export.parity`), record the figures and
+the serving runtime on CPU and compare it with PyTorch (:mod:`trainer.export.parity`), record the figures and
 only then move the folder into place. A failed parity check leaves nothing behind and raises.
 """
 
@@ -27,11 +27,16 @@ from model_export.bundle_manifest import (
     IMAGE_ENCODER_FILE,
     TEXT_ENCODER_FILE,
     TOKENIZER_FILE,
+    BundleManifest,
     finalize_manifest,
     sha256_file,
 )
 from model_export.errors import BundleError
-from model_export.onnx_export import (
+from model_export.preprocessing import describe_spec
+from model_export.runtime import CPU, load_bundle
+from trainer.engine.loop import load_trained_model
+from trainer.evaluation.evaluate import TRAINED
+from trainer.export.onnx_export import (
     EXPORTER,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
@@ -41,11 +46,7 @@ from model_export.onnx_export import (
     export_image_encoder,
     export_text_encoder,
 )
-from model_export.parity import check_parity, require_parity
-from model_export.preprocessing import describe_spec
-from model_export.runtime import CPU, load_bundle
-from trainer.engine.loop import load_trained_model
-from trainer.evaluation.evaluate import TRAINED
+from trainer.export.parity import check_parity, require_parity
 from trainer.model.medfinder import MedFinder
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def export_bundle(
     force: bool = False,
     threads: int | None = None,
     report: Reporter = logger.info,
-) -> dict[str, Any]:
+) -> BundleManifest:
     """Export ``checkpoint`` into the bundle folder ``out``; returns the final manifest."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -189,13 +190,14 @@ def export_bundle(
                                                               if real_series else " (no real series)"))
         bundle = load_bundle(staging, providers=[CPU], threads=threads)
         parity = check_parity(model, bundle, settings, real_series)
-        manifest["parity"] = parity
-        manifest = finalize_manifest(staging, manifest, files=manifest["files"])  # graphs unchanged: no re-hash
+        written = manifest.as_dict()
+        manifest = finalize_manifest(staging, {**written, "parity": parity},
+                                     files=written["files"])  # graphs unchanged: no re-hash
         report(f"parity: min cosine image {parity['image_encoder']['min_cosine']:.7f}, "
                f"text {parity['text_encoder']['min_cosine']:.7f}; max |diff| {parity['max_abs_diff']:.2e}")
         require_parity(parity)
         _place(staging, out, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report(f"bundle {manifest['bundle_id']} written to {out}")
+    report(f"bundle {manifest.bundle_id} written to {out}")
     return manifest

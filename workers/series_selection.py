@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import EnhancedCTImageStorage
 
 from config.settings import SeriesSelectionSettings
 
-ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 HEADER_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ImageOrientationPatient",
                "SliceThickness", "SOPClassUID", "NumberOfFrames", "SeriesNumber")
 
@@ -79,6 +79,14 @@ def _tilt_degrees(orientation: Any) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
 
 
+def read_first_header(series_folder: Path) -> pydicom.Dataset:
+    """The header (no pixel data) of a spooled series' first instance by file name: the series' attributes."""
+    first = min(series_folder.glob("*.dcm"), default=None)
+    if first is None:
+        raise FileNotFoundError(f"no instance in {series_folder}")
+    return pydicom.dcmread(first, stop_before_pixels=True)
+
+
 def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
     """Group spooled files by series folder and summarise each from its headers."""
     by_folder: dict[Path, list[Path]] = defaultdict(list)
@@ -125,7 +133,7 @@ def judge_series(summary: SeriesSummary, rules: SeriesSelectionSettings) -> Seri
         return verdict(False, f"no readable instance ({summary.unreadable} unreadable)")
     if summary.modality not in rules.modalities:
         return verdict(False, f"modality {summary.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
-    if summary.sop_class_uid == ENHANCED_CT_STORAGE:
+    if summary.sop_class_uid == EnhancedCTImageStorage:
         return verdict(False, "Enhanced CT (multi-frame) is stored but not embedded yet")
     excluded_types = [t for t in rules.excluded_image_types if t.upper() in summary.image_types]
     if excluded_types:

@@ -35,18 +35,17 @@ from typing import IO, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
 from config.settings import Settings
-from dicom_node.layout import InvalidUIDError, NodeLayout, check_uid, write_atomic
-from dicom_node.quarantine import move_file, quarantine
-from dicom_node.state import InstanceRecord, StateStore
+from dicom_node.receive.quarantine import move_file, quarantine
+from dicom_node.store.layout import InvalidUIDError, NodeLayout, check_uid
+from dicom_node.store.state import InstanceRecord, StateStore
+from model_export.atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-CT_STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
+CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700

@@ -1,0 +1,97 @@
+"""An indexed study's similar cases as a Structured Report, written and queued for delivery.
+
+Run by the pipeline once the study is indexed and no study that completed alongside it is still being embedded
+(``dicom_node.pipeline.batching``), so a batch pushed together can name each other. Idempotent: the SR's UIDs
+are derived from (study, bundle, result version) and deliveries are unique per (SR, destination), so reporting
+the same outcome twice after a crash changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pydicom
+
+from config import Settings
+from config.settings import Destination
+from dicom_node.report.similar_case_sr import SimilarCase, build_similar_case_sr
+from dicom_node.store.layout import NodeLayout
+from dicom_node.store.state import StateStore, StudyRow
+from model_export.atomic_files import write_atomic
+from model_export.bundle_manifest import BundleManifest
+from workers.handoff import EmbedOutcome, StudyPayload
+from workers.index import VectorIndex
+from workers.series_selection import read_first_header
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportResult:
+    """What one study's report produced."""
+
+    sr_sop_uid: str
+    matches: int
+    destinations: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def destinations_for(settings: Settings, study: StudyRow) -> list[Destination]:
+    """Configured destinations, else the sending source when its address is configured in ``node.allow``."""
+    if settings.node.destinations:
+        return list(settings.node.destinations)
+    for source in settings.node.allow:
+        if source.ae_title == study.calling_ae and source.port is not None:
+            host = source.host or study.peer_ip
+            if host:
+                return [Destination(ae_title=source.ae_title, host=host, port=source.port)]
+    return []
+
+
+def similar_cases(index: VectorIndex, settings: Settings, vector: list[float],
+                  payload: StudyPayload) -> list[SimilarCase]:
+    """The K most similar *other* studies (and other patients, unless the policy includes them)."""
+    exclude_patient = payload.patient_pseudonym if settings.index.same_patient == "exclude" else None
+    matches = index.search(vector, settings.index.top_k, exclude_study_uid=payload.study_uid,
+                           exclude_patient=exclude_patient)
+    return [
+        SimilarCase(rank=rank, score=float(match.score), study_uid=str(match.payload.get("study_uid")),
+                    accession=match.payload.get("accession"), study_date=match.payload.get("study_date"),
+                    description=match.payload.get("study_description"))
+        for rank, match in enumerate(matches, start=1)
+    ]
+
+
+def report_study(settings: Settings, layout: NodeLayout, store: StateStore, index: VectorIndex,
+                 bundle_manifest: BundleManifest, study: StudyRow, outcome: EmbedOutcome) -> ReportResult:
+    """Find an indexed study's similar cases, write its SR and queue one delivery per destination."""
+    timings: dict[str, float] = {}
+    if outcome.vector is None or outcome.payload is None or outcome.series_uid is None:
+        raise ValueError(f"outcome v{outcome.version} of {study.study_uid} has no vector to search with")
+    step = time.perf_counter()
+    cases = similar_cases(index, settings, outcome.vector, outcome.payload)
+    timings["search_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    query_instance = read_first_header(layout.study_spool(study.study_uid) / outcome.series_uid)
+    model = bundle_manifest.model
+    sr = build_similar_case_sr(query_instance, cases, bundle_id=outcome.bundle_id,
+                               bundle_name=model.name or "MedFinder",
+                               bundle_version=model.version or outcome.bundle_id[:12],
+                               result_version=outcome.version, settings=settings.results)
+    sr_path = layout.result_path(study.study_uid, sr.SOPInstanceUID)
+    buffer = pydicom.filebase.DicomBytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    write_atomic(sr_path, buffer.getvalue())
+    timings["sr_s"] = time.perf_counter() - step
+
+    targets = destinations_for(settings, study)
+    for destination in targets:
+        store.add_delivery(study.study_uid, outcome.version, sr.SOPInstanceUID, sr_path, destination.label,
+                           destination.ae_title, destination.host, destination.port)
+    if not targets:
+        logger.warning("event=no_destination study_uid=%s calling_ae=%s hint='set node.destinations or the "
+                       "source port in node.allow'", study.study_uid, study.calling_ae)
+    return ReportResult(sr.SOPInstanceUID, len(cases), [d.label for d in targets], timings)

@@ -1,0 +1,5 @@
+"""``python -m medfinder``: the ``medfinder`` command."""
+
+from medfinder.cli import main
+
+raise SystemExit(main())
