@@ -382,12 +382,47 @@ class IndexSettings(Section):
     # Similar *other* cases by default: the PACS already shows a patient's own priors.
     same_patient: Literal["exclude", "include"] = "exclude"
     hnsw_ef: int = Field(128, ge=1)
+    hnsw_m: int = Field(16, ge=4)
+    hnsw_ef_construct: int = Field(100, ge=4)
+    # Scale: int8 scalar quantisation (about 4x less memory for vectors) with rescoring on the original vectors;
+    # with ``vectors_on_disk`` the originals stay on disk and only the quantised copy is held in memory.
+    quantization: Literal["none", "int8"] = "none"
+    rescore: bool = True
+    oversampling: float = Field(2.0, ge=1.0)
+    vectors_on_disk: bool = False
+    # edge: HNSW is built in the background once this many points were added since the last build (search stays
+    # exact, and is never blocked, until then); 0 = never (exact search only).
+    optimize_after_points: int = Field(1000, ge=0)
+    # Reciprocal rank fusion of the `image` and `report` rankings: score = sum 1 / (rrf_k + rank).
+    rrf_k: int = Field(60, ge=1)
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> "IndexSettings":
         if self.backend == "qdrant" and not self.url:
             raise ValueError("index.backend 'qdrant' needs index.url (http://host:6333, or ':memory:' for tests)")
         return self
+
+
+class QuerySettings(Section):
+    """The query side: similar-case and text search over DICOM (C-FIND) and REST."""
+
+    # C-FIND: the node's own AE title answers ordinary study-level queries; this one answers similar-case queries.
+    similar_ae_title: AETitle = "MEDFINDER_SIM"
+    # RetrieveAETitle (0008,0054) in C-FIND responses: the PACS a workstation C-MOVEs the studies from.
+    retrieve_ae_title: AETitle | None = None
+    default_limit: int = Field(10, ge=1, le=1000)
+    max_limit: int = Field(100, ge=1, le=10000)
+    # Patient identity (PatientName, PatientID) in C-FIND and REST responses: never by default.
+    return_patient_identity: bool = False
+    # Report snippets in responses (reports are PHI; the index never holds their text).
+    return_report_snippets: bool = False
+
+
+class ApiSettings(Section):
+    """The REST API served beside the DICOM SCP (FastAPI + uvicorn, in the node process)."""
+
+    http_port: int = Field(8080, ge=0, le=65535)  # 0 = off
+    http_bind: str = "127.0.0.1"
 
 
 class WorkerSettings(Section):
@@ -437,5 +472,7 @@ class Settings(Section):
     node: NodeSettings = NodeSettings()
     selection: SeriesSelectionSettings = SeriesSelectionSettings()
     index: IndexSettings = IndexSettings()
+    query: QuerySettings = QuerySettings()
+    api: ApiSettings = ApiSettings()
     workers: WorkerSettings = WorkerSettings()
     results: ResultSettings = ResultSettings()

@@ -57,6 +57,10 @@ class StudyPayload(BaseModel):
     series_description: str | None = None
     institution: str | None = None
     patient_pseudonym: str | None = None
+    sex: str | None = None  # PatientSex: M, F or O
+    age_band: str | None = None  # ten-year band of the age at the study: "40-49", "90+"
+    study_day: int | None = None  # StudyDate as YYYYMMDD, for date-range filters
+    has_report: bool = False  # whether the point carries a `report` vector (set by the node, which owns reports)
     bundle_id: str
     result_version: int
     n_slices: int

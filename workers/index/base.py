@@ -13,15 +13,43 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
 
 # Fixed namespace of MedFinder point ids: changing it would orphan every stored point.
 POINT_NAMESPACE = uuid.UUID("6f2a4c1e-8d3b-5e7a-9c0f-1b2d3e4f5a6b")
 
-# Payload keys that searches filter on (keyword payload indexes in both backends).
-INDEXED_FIELDS = ("study_uid", "patient_pseudonym", "modality", "body_part", "bundle_id")
+# Named vectors of a study's point: its images (always) and its report's text (when a report is known).
+IMAGE_VECTOR = "image"
+REPORT_VECTOR = "report"
+VECTOR_NAMES = (IMAGE_VECTOR, REPORT_VECTOR)
+
+# Payload keys that searches filter on (keyword payload indexes in both backends), and the integer one.
+INDEXED_FIELDS = ("study_uid", "patient_pseudonym", "modality", "body_part", "bundle_id", "sex", "age_band",
+                  "institution")
+STUDY_DAY_FIELD = "study_day"  # StudyDate as an integer YYYYMMDD, for date ranges
+
+
+class SearchFilters(BaseModel):
+    """What a search may be restricted to, on the payload; every field optional (None = no restriction).
+
+    Dates are DICOM DA strings (YYYYMMDD), inclusive. ``exclude_*`` drop the query's own study and patient.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modality: str | None = None
+    body_part: str | None = None
+    study_date_from: str | None = Field(None, pattern=r"^\d{8}$")
+    study_date_to: str | None = Field(None, pattern=r"^\d{8}$")
+    sex: Literal["M", "F", "O"] | None = None
+    age_band: str | None = None  # as in the payload: "40-49", "90+"
+    institution: str | None = None
+    exclude_study_uid: str | None = None
+    exclude_patient: str | None = None  # a patient pseudonym
 
 
 class IndexMismatchError(RuntimeError):
@@ -30,10 +58,19 @@ class IndexMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Match:
-    """One search hit: the point id, its cosine similarity and its stored payload."""
+    """One search hit: the point id, its score (cosine; for a fused search the RRF score) and its payload."""
 
     point_id: str
     score: float
+    payload: dict
+
+
+@dataclass(frozen=True)
+class StoredPoint:
+    """One point read back: its named vectors (only those it has) and its payload."""
+
+    point_id: str
+    vectors: dict[str, list[float]]
     payload: dict
 
 
@@ -44,12 +81,23 @@ class VectorIndex(Protocol):
     def ensure_collection(self, bundle_id: str, dim: int) -> None:
         """Create the collection for ``bundle_id``/``dim``, or check that the existing one was made for them."""
 
-    def upsert(self, point_id: str, vector: Sequence[float], payload: dict) -> None:
-        """Insert or overwrite one point (same id = same study and bundle)."""
+    def upsert(self, point_id: str, vectors: Mapping[str, Sequence[float]], payload: dict) -> None:
+        """Insert or overwrite one point (same id = same study and bundle) with all its named vectors.
 
-    def search(self, vector: Sequence[float], limit: int, *, exclude_study_uid: str | None = None,
-               exclude_patient: str | None = None) -> list[Match]:
-        """The ``limit`` nearest points, best first, skipping one study and/or one patient pseudonym."""
+        ``vectors`` must hold ``image``; ``report`` only when the study's report is known.
+        """
+
+    def get(self, point_id: str) -> StoredPoint | None:
+        """The point with its vectors and payload, or None."""
+
+    def search(self, vector: Sequence[float], limit: int, *, using: str = IMAGE_VECTOR,
+               filters: SearchFilters | None = None, offset: int = 0,
+               min_score: float | None = None) -> list[Match]:
+        """The nearest points by one named vector (cosine), best first, after ``offset``; ``min_score`` cuts."""
+
+    def search_fused(self, vectors: Mapping[str, Sequence[float]], limit: int, *,
+                     filters: SearchFilters | None = None, offset: int = 0) -> list[Match]:
+        """Reciprocal rank fusion of one ranking per named vector given (score = sum of 1/(rrf_k + rank))."""
 
     def count(self) -> int:
         """Number of points in the collection."""
