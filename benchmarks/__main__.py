@@ -1,15 +1,16 @@
 """Run every benchmark and print its figures: ``python -m benchmarks`` (or ``make bench``).
 
 ``python -m benchmarks NAME [ARGS...]`` runs one of them with its own arguments, e.g.
-``python -m benchmarks train_throughput --paper`` or ``python -m benchmarks bundle_inference --no-paper``.
+``python -m benchmarks train_throughput --paper``, ``python -m benchmarks bundle_inference --no-paper`` or
+``python -m benchmarks search --sizes 20000``.
 """
 
 import sys
 
-from benchmarks import bundle_inference, receive_throughput, study_latency, train_throughput
+from benchmarks import bundle_inference, receive_throughput, search, study_latency, train_throughput
 
 BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference,
-              "receive_throughput": receive_throughput, "study_latency": study_latency}
+              "receive_throughput": receive_throughput, "study_latency": study_latency, "search": search}
 
 arguments = sys.argv[1:]
 if arguments:

@@ -1,4 +1,5 @@
-"""``medfinder serve``, ``medfinder studies`` and ``medfinder deliveries``: run the node and look inside it."""
+"""``medfinder serve``, ``medfinder studies``, ``medfinder deliveries`` and ``medfinder token``: run the node, look
+inside it and manage the REST API's bearer tokens."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def node_settings(args: argparse.Namespace) -> Settings:
         node["destinations"] = [d.model_dump() for d in args.destination]
     data = settings.model_dump(mode="json")
     data["node"].update(node)
+    if getattr(args, "http_port", None) is not None:
+        data["api"]["http_port"] = args.http_port
+    if getattr(args, "http_bind", None):
+        data["api"]["http_bind"] = args.http_bind
     if getattr(args, "data_dir", None):
         data["paths"]["data_dir"] = str(args.data_dir)
     if getattr(args, "mode", None):
@@ -86,10 +91,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    node.start()
+    try:
+        node.start()
+    except OSError as error:  # a port in use: say which and leave cleanly
+        node.stop()
+        print(f"medfinder serve: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(f"MedFinder node listening: AE title {settings.node.ae_title} on {settings.node.bind}:{node.scp.port} "
           f"({settings.workers.mode} mode, data in {node.layout.root}). Try: echoscu -aec {settings.node.ae_title} "
           f"127.0.0.1 {node.scp.port}", flush=True)
+    if node.http is not None:
+        print(f"REST API listening: {node.http.url}/api/v1 (OpenAPI at {node.http.url}/docs; tokens: medfinder "
+              f"token create --scope read --name NAME --data-dir {node.layout.root})", flush=True)
+    else:
+        print("REST API off (--http-port 0)", flush=True)
     while not stopping.wait(0.5):
         pass
     node.stop()
@@ -150,6 +165,34 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Bearer tokens of the REST API: the token is printed once, alone on the last line of standard output."""
+    from dicom_node.api.tokens import TokenError, TokenStore, tokens_path
+
+    settings = node_settings(args)
+    store = TokenStore(tokens_path(settings.paths.data_dir))
+    try:
+        if args.action == "create":
+            token = store.create(args.name, args.scope)
+            scopes = ", ".join(dict.fromkeys(args.scope))
+            print(f"Token {args.name!r} created (scopes: {scopes}), stored hashed in {store.path}.")
+            print("It is shown only now; keep it secret. Use it as 'Authorization: Bearer <token>':")
+            print(token, flush=True)
+        elif args.action == "revoke":
+            store.revoke(args.name)
+            print(f"Token {args.name!r} revoked; the running node refuses it from the next request on.")
+        else:
+            records = store.records()
+            if not records:
+                print(f"no tokens in {store.path}")
+            for record in records:
+                print(f"{record.name:<24} {','.join(s.value for s in record.scopes):<20} created {record.created}")
+    except TokenError as error:
+        print(f"medfinder token: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="run the DICOM node (receive, embed, index, report)")
     add_config_arguments(serve)
@@ -165,6 +208,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="where Structured Reports go (repeatable; default: back to the sender)")
     serve.add_argument("--mode", choices=("embedded", "distributed"),
                        help="embedded (default): all in this process; distributed: Celery workers via Redis")
+    serve.add_argument("--http-port", type=int, help="REST API port (default 8080; 0 = off)")
+    serve.add_argument("--http-bind", help="REST API address (default 127.0.0.1)")
     serve.set_defaults(handler=cmd_serve)
 
     studies = subparsers.add_parser("studies", help="list received studies, their state and result deliveries")
@@ -180,3 +225,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deliveries.add_argument("ids", nargs="*", type=int, help="delivery ids to retry (default: every dead one)")
     deliveries.add_argument("--state", choices=("pending", "delivered", "dead"), help="list only this state")
     deliveries.set_defaults(handler=cmd_deliveries)
+
+    token = subparsers.add_parser("token", help="bearer tokens of the REST API: create, list, revoke")
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = token_actions.add_parser("create", help="make a token (printed once, alone on the last line)")
+    create.add_argument("--name", required=True, help="who or what uses it (shown in the audit trail)")
+    create.add_argument("--scope", required=True, action="append", choices=("read", "report", "admin"),
+                        help="read: studies and searches; report: attach reports; admin: everything (repeatable)")
+    listing = token_actions.add_parser("list", help="names, scopes and creation times (never the tokens)")
+    revoke = token_actions.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("name")
+    for parser in (create, listing, revoke):
+        add_config_arguments(parser)
+        add_data_dir(parser)
+        parser.set_defaults(handler=cmd_token)

@@ -12,6 +12,9 @@ from config.settings import default_shared_data_dir
 # Nothing in the test suite may reach a model hub: fail fast instead of retrying for ~23 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Nodes started by tests (in-process or `medfinder serve`) serve no REST API unless the test asks for one:
+# the default port 8080 would collide between tests running at the same time.
+os.environ.setdefault("MEDFINDER__API__HTTP_PORT", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

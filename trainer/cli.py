@@ -1,5 +1,5 @@
-"""Trainer subcommands: ``train``, ``evaluate``, ``ablate``, ``label-bound``, ``data`` (manifest builders, synthetic
-benchmark), and the bundle-making ``export`` and ``bundle reference``."""
+"""Trainer subcommands: ``train``, ``evaluate``, ``evaluate-hybrid``, ``ablate``, ``label-bound``, ``data`` (manifest
+builders, synthetic benchmark), and the bundle-making ``export`` and ``bundle reference``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def register(subparsers: argparse._SubParsersAction, bundle_actions: argparse._S
     evaluate.add_argument("--out", type=Path, help="JSON output (default: eval-SPLIT.json beside the checkpoint)")
     evaluate.add_argument("--no-baselines", dest="baselines", action="store_false")
     evaluate.set_defaults(handler=run_evaluate)
+
+    hybrid = subparsers.add_parser(
+        "evaluate-hybrid", help="text search over image vectors, reworded prior-report vectors and both fused (RRF)")
+    hybrid.add_argument("--checkpoint", required=True, type=Path, help="defines the synthetic benchmark and split")
+    hybrid.add_argument("--split", default="test", choices=("train", "val", "test"))
+    hybrid.add_argument("--bundle", type=Path, help="embed with this exported bundle (onnxruntime, as served)")
+    hybrid.add_argument("--rrf-k", type=int, help="RRF constant (default: the checkpoint's index.rrf_k)")
+    hybrid.add_argument("--prefetch", type=int, help="fuse only each ranking's top N (default: the full rankings)")
+    hybrid.add_argument("--out", type=Path, help="JSON output (default: hybrid-SPLIT[-bundle].json beside it)")
+    hybrid.set_defaults(handler=run_evaluate_hybrid)
 
     ablate = subparsers.add_parser("ablate", help="train + evaluate with each branch switched off, side by side")
     add_config_arguments(ablate)
@@ -83,6 +93,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluation.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, split=args.split, out=args.out, manifest=args.manifest, baselines=args.baselines)
+    return 0
+
+
+def run_evaluate_hybrid(args: argparse.Namespace) -> int:
+    from trainer.evaluation.hybrid import evaluate_hybrid
+
+    evaluate_hybrid(args.checkpoint, split=args.split, out=args.out, bundle=args.bundle, rrf_k=args.rrf_k,
+                    prefetch=args.prefetch)
     return 0
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
+from datetime import date
 from typing import Any
 
 import pydicom
@@ -59,6 +61,54 @@ def patient_pseudonym(key: bytes, patient_id: str, issuer: str = "") -> str:
     return hmac.new(key, f"{issuer}|{patient_id}".encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")  # PatientAge (AS): 045Y, 006M, 003W, 010D
+_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 30.4375, "Y": 365.25}
+OLDEST_BAND = 90  # "90+": finer bands of the very old identify people (HIPAA safe harbour groups 90 and over)
+
+
+def _dicom_date(value: object) -> date | None:
+    text = str(value or "").strip()
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def patient_sex(header: pydicom.Dataset) -> str | None:
+    """PatientSex as M, F or O; None when absent or anything else."""
+    value = str(header.get("PatientSex", "") or "").strip().upper()
+    return value if value in ("M", "F", "O") else None
+
+
+def age_years(header: pydicom.Dataset) -> int | None:
+    """Age at the study in whole years: PatientAge ("045Y", "006M"), else PatientBirthDate to StudyDate."""
+    match = _AGE.match(str(header.get("PatientAge", "") or "").strip().upper())
+    if match:
+        return int(int(match.group(1)) * _DAYS_PER_UNIT[match.group(2)] // 365.25)
+    born, studied = _dicom_date(header.get("PatientBirthDate")), _dicom_date(header.get("StudyDate"))
+    if born is None or studied is None or studied < born:
+        return None
+    return studied.year - born.year - ((studied.month, studied.day) < (born.month, born.day))
+
+
+def age_band(years: int | None) -> str | None:
+    """Ten-year band of an age: 45 -> "40-49", 7 -> "0-9", 93 -> "90+"; None when unknown or implausible."""
+    if years is None or not 0 <= years <= 150:
+        return None
+    if years >= OLDEST_BAND:
+        return f"{OLDEST_BAND}+"
+    low = years // 10 * 10
+    return f"{low}-{low + 9}"
+
+
+def study_day(header: pydicom.Dataset) -> int | None:
+    """StudyDate as the integer YYYYMMDD (for date-range filters); None when absent or not a real date."""
+    day = _dicom_date(header.get("StudyDate"))
+    return int(day.strftime("%Y%m%d")) if day is not None else None
+
+
 def study_payload(header: pydicom.Dataset, key: bytes, *, bundle_id: str, version: int,
                   n_slices: int) -> StudyPayload:
     """The searchable metadata of one study, from one header of its chosen series."""
@@ -69,6 +119,7 @@ def study_payload(header: pydicom.Dataset, key: bytes, *, bundle_id: str, versio
                  if patient_id else None)
     return StudyPayload(study_uid=str(header.get("StudyInstanceUID", "")),
                         series_uid=str(header.get("SeriesInstanceUID", "")), patient_pseudonym=pseudonym,
+                        sex=patient_sex(header), age_band=age_band(age_years(header)), study_day=study_day(header),
                         bundle_id=bundle_id, result_version=version, n_slices=n_slices, **fields)
 
 

@@ -9,32 +9,41 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 from dicom_node.store.state import StateStore, StudyRow, StudyState
 from workers.handoff import EmbedOutcome, EmbedStatus
 from workers.index import VectorIndex, point_id_for
+from workers.index.base import IMAGE_VECTOR, REPORT_VECTOR
 
 logger = logging.getLogger(__name__)
 
 
-def index_outcome(index: VectorIndex, study: StudyRow, outcome: EmbedOutcome) -> tuple[str, float]:
-    """Upsert one embedded outcome; returns the point id and the seconds it took."""
+def index_outcome(index: VectorIndex, study: StudyRow, outcome: EmbedOutcome,
+                  report_vector: Sequence[float] | None = None) -> tuple[str, float]:
+    """Upsert one embedded outcome (with the study's report vector when its report is known); returns the point
+    id and the seconds it took."""
     if outcome.vector is None or outcome.payload is None:
         raise ValueError(f"outcome v{outcome.version} of {study.study_uid} is {outcome.status} without a vector")
     started = time.perf_counter()
     index.ensure_collection(outcome.bundle_id, len(outcome.vector))
     point_id = point_id_for(study.study_uid, outcome.bundle_id)
-    index.upsert(point_id, outcome.vector, outcome.payload.model_dump())
+    vectors: dict[str, Sequence[float]] = {IMAGE_VECTOR: outcome.vector}
+    if report_vector is not None:
+        vectors[REPORT_VECTOR] = report_vector
+    payload = outcome.payload.model_copy(update={"has_report": report_vector is not None}).model_dump()
+    index.upsert(point_id, vectors, payload)
     return point_id, time.perf_counter() - started
 
 
-def collect_outcome(store: StateStore, index: VectorIndex, study: StudyRow, outcome: EmbedOutcome) -> float | None:
+def collect_outcome(store: StateStore, index: VectorIndex, study: StudyRow, outcome: EmbedOutcome,
+                    report_vector: Sequence[float] | None = None) -> float | None:
     """Index the vector, or record why there is none; returns the indexing seconds when the study was indexed."""
     version = study.version
     selection = json.dumps(outcome.selection) if outcome.selection else None
     if outcome.status == EmbedStatus.EMBEDDED:
         try:
-            point_id, seconds = index_outcome(index, study, outcome)
+            point_id, seconds = index_outcome(index, study, outcome, report_vector)
         except Exception as error:  # noqa: BLE001 - recorded on the study; a resend makes a new version
             logger.exception("event=index_failed study_uid=%s version=%d", study.study_uid, version)
             store.finish(study.study_uid, version, StudyState.FAILED, reason=f"indexing: {error!r}",

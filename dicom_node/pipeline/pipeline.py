@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from config import Settings
 from dicom_node.pipeline.batching import batch_mates_pending
@@ -22,7 +23,7 @@ from dicom_node.store.state import StateStore, StudyRow, StudyState
 from model_export.atomic_files import write_atomic
 from model_export.bundle_manifest import BundleManifest
 from workers.dispatch import Dispatcher
-from workers.handoff import EmbedOutcome, EmbedRequest, read_outcome
+from workers.handoff import EmbedOutcome, EmbedRequest, EmbedStatus, read_outcome
 from workers.index import VectorIndex
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class Pipeline:
 
     def __init__(self, settings: Settings, layout: NodeLayout, store: StateStore, index: VectorIndex,
                  dispatcher: Dispatcher, bundle: BundleManifest,
-                 studies_in_flight: Callable[[], Collection[str]]) -> None:
+                 studies_in_flight: Callable[[], Collection[str]], *, index_lock: threading.RLock | None = None,
+                 report_vector_for: Callable[[str], Sequence[float] | None] | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.store = store
@@ -42,6 +44,9 @@ class Pipeline:
         self.bundle = bundle
         self.studies_in_flight = studies_in_flight  # studies an open association is still sending
         self._index_seconds: dict[tuple[str, int], float] = {}
+        # Every index write holds this lock (the node's, shared with report attachment): one writer at a time.
+        self.index_lock = index_lock or threading.RLock()
+        self.report_vector_for = report_vector_for  # a study's stored report vector, or None
 
     def tick(self, now: float | None = None) -> None:
         """One pass: fire quiet studies, index finished outcomes, report indexed studies whose batch is done."""
@@ -79,13 +84,25 @@ class Pipeline:
         for study in self.store.queued_studies():
             outcome = read_outcome(self.layout.outcome_path(study.study_uid, study.version))
             if outcome is not None:
-                seconds = collect_outcome(self.store, self.index, study, outcome)
+                with self.index_lock:  # the report read and the upsert together, against a report arriving now
+                    report = self._report_vector(study.study_uid) if outcome.status == EmbedStatus.EMBEDDED else None
+                    seconds = collect_outcome(self.store, self.index, study, outcome, report)
                 if seconds is not None:
                     self._index_seconds[(study.study_uid, study.version)] = seconds
             elif study.dispatched_at is None or now - study.dispatched_at > self.settings.workers.redispatch_after_s:
                 logger.warning("event=redispatch study_uid=%s version=%d", study.study_uid, study.version)
                 self.store.touch_dispatch(study.study_uid, now)
                 self._dispatch(study.study_uid, study.version)
+
+    def _report_vector(self, study_uid: str) -> Sequence[float] | None:
+        """The study's report vector to index with its images; a failure costs the report, not the study."""
+        if self.report_vector_for is None:
+            return None
+        try:
+            return self.report_vector_for(study_uid)
+        except Exception:  # noqa: BLE001 - indexed without it; the node's start-up reconcile adds it later
+            logger.exception("event=report_vector_failed study_uid=%s", study_uid)
+            return None
 
     # --- reporting: once a study's batch is indexed ----------------------------------------------------
 

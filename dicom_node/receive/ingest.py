@@ -29,8 +29,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -39,9 +40,13 @@ from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
 from config.settings import Settings
 from dicom_node.receive.quarantine import move_file, quarantine
+from dicom_node.receive.study_header import backfill_study_attributes, study_attributes_from_header
 from dicom_node.store.layout import InvalidUIDError, NodeLayout, check_uid
 from dicom_node.store.state import InstanceRecord, StateStore
 from model_export.atomic_files import write_atomic
+
+if TYPE_CHECKING:
+    from dicom_node.receive.report_sr import ReportReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ class RefusedObject(Exception):
         self.reason = reason
 
 
-def _read_header(source: IO[bytes], total_size: int) -> Dataset:
+def _read_header(source: IO[bytes], total_size: int, require_pixels: bool = True) -> Dataset:
     """Parse a Part 10 object; :class:`RefusedObject` (0xC001) if it is not DICOM or is cut short.
 
     pydicom reads a defined-length value that runs past the end of the file without complaint and only warns
@@ -111,6 +116,8 @@ def _read_header(source: IO[bytes], total_size: int) -> Dataset:
             if tell is not None and length != 0xFFFFFFFF and tell + length > total_size:
                 raise RefusedObject(STATUS_UNREADABLE, f"truncated: element {tag} declares {length} bytes at "
                                     f"offset {tell}, object is {total_size} bytes")
+    if not require_pixels:  # a report SR: no pixels to check
+        return dataset
     pixel_tags = [tag for tag in _PIXEL_TAGS if tag in dataset]
     if not pixel_tags:
         raise RefusedObject(STATUS_UNREADABLE, "no Pixel Data (truncated, or not an image)")
@@ -173,6 +180,8 @@ class Ingestor:
         self.layout = layout
         self.store = store
         self.counts: Counter[str] = Counter()  # stored, duplicate, ignored, refused, out_of_resources
+        # Radiology report SRs (set by the node: dicom_node.receive.report_sr); None = ignored as other storage.
+        self.reports: ReportReceiver | None = None
         self._lock = threading.Lock()
 
     # --- public -------------------------------------------------------------------------------------
@@ -205,7 +214,8 @@ class Ingestor:
         sop_instance_uid = str(sop_instance_uid or "").strip().rstrip("\x00")
         context: dict[str, Any] = {"calling_ae": calling_ae, "peer_ip": peer_ip, "sop_class_uid": sop_class_uid,
                                    "sop_instance_uid": sop_instance_uid}
-        if not self.is_ct_class(sop_class_uid):
+        takes_report = self.reports is not None and self.reports.takes(sop_class_uid)
+        if not self.is_ct_class(sop_class_uid) and not takes_report:
             return self._ignore(path, context)
         if not self._disk_has_room():
             self._discard(path)
@@ -216,14 +226,17 @@ class Ingestor:
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment)
         try:
             if data is not None:
-                dataset = _read_header(io.BytesIO(data), len(data))
+                dataset = _read_header(io.BytesIO(data), len(data), require_pixels=not takes_report)
             else:
                 assert path is not None
                 with open(path, "rb") as handle:
-                    dataset = _read_header(handle, os.fstat(handle.fileno()).st_size)
+                    dataset = _read_header(handle, os.fstat(handle.fileno()).st_size, require_pixels=not takes_report)
             study, series, sop = _uids(dataset, sop_class_uid, sop_instance_uid)
         except RefusedObject as refused:
             return self._refuse(data, path, refused, context)
+        if takes_report:  # kept apart from the CT spool: a report is no instance of its study's assembly
+            assert self.reports is not None
+            return self.reports.receive(dataset, data, path, study=study, sop=sop, context=context)
         syntax = str(dataset.file_meta.TransferSyntaxUID)
         target = self.layout.instance_path(study, series, sop)
         size = len(data) if data is not None else path.stat().st_size  # type: ignore[union-attr]
@@ -246,7 +259,8 @@ class Ingestor:
                          sop, _short(error))
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"could not write to the spool: {_short(error, 80)}")
         quiet = self.settings.node.quiet_seconds_for(calling_ae)
-        inserted = self.store.record_instance(record, calling_ae, peer_ip, quiet)
+        inserted = self.store.record_instance(record, calling_ae, peer_ip, quiet,
+                                              header=partial(study_attributes_from_header, dataset, study))
         self._count("stored" if inserted else "duplicate")
         logger.debug("event=instance_stored study_uid=%s series_uid=%s sop_uid=%s bytes=%d new=%s", study,
                      series, sop, size, inserted)
@@ -289,7 +303,8 @@ class Ingestor:
 
 
 def reconcile_spool(layout: NodeLayout, store: StateStore, *, quiet_seconds: float = 10.0) -> int:
-    """Record spool files the database lacks (a node killed between rename and insert); run at start.
+    """Record spool files the database lacks (a node killed between rename and insert), and give studies
+    recorded without study attributes theirs; run at start.
 
     Also removes the temp files of writes that never finished (nothing else writes the spool while the node
     is down). Files that no longer parse, or whose UIDs disagree with their place, go to quarantine. Returns
@@ -315,8 +330,10 @@ def reconcile_spool(layout: NodeLayout, store: StateStore, *, quiet_seconds: flo
         record = InstanceRecord(sop_uid=sop, study_uid=study, series_uid=series,
                                 sop_class_uid=str(dataset.SOPClassUID), transfer_syntax=str(
                                     dataset.file_meta.TransferSyntaxUID), path=path, size=size)
-        if store.record_instance(record, None, None, quiet_seconds, now=time.time()):
+        if store.record_instance(record, None, None, quiet_seconds, now=time.time(),
+                                 header=partial(study_attributes_from_header, dataset, study)):
             recorded += 1
     if recorded:
         logger.warning("event=spool_reconciled recorded=%d reason='spool files without a database row'", recorded)
+    backfill_study_attributes(store)  # data folders from before study attributes were kept: once
     return recorded

@@ -6,7 +6,14 @@ Source control happens during association negotiation, so an unknown source gets
 ``require_calling_aet`` checks the AE title only, so the acceptor's ACSE is extended, per association, to
 check the (calling AE, peer IP) pair against ``node.allow`` before pynetdicom's own checks run. Storage
 classes other than CT are negotiated only with ``node.other_storage: ignore`` (accepted, answered with success,
-not kept); with ``refuse`` their presentation contexts are rejected during association negotiation.
+not kept); with ``refuse`` their presentation contexts are rejected during association negotiation. Radiology
+report SRs (Basic Text, Enhanced, Comprehensive) are always accepted when the node wires a report receiver: they
+are kept and attached to their study (:mod:`dicom_node.receive.report_sr`).
+
+Queries: Study Root Query/Retrieve FIND on the same port, one ``EVT_C_FIND`` handler
+(:class:`dicom_node.query.service.FindService`); the allow-list applies to them as to storage. The node answers
+to two called AE titles, ``node.ae_title`` (ordinary study-level C-FIND) and ``query.similar_ae_title``
+(similar cases): the acceptor takes on the title it was called by, so the handler knows which was asked.
 
 Each association runs in its own thread (pynetdicom), so a C-ECHO is never queued behind another sender's
 C-STOREs. With ``node.stream_to_disk`` pynetdicom writes each received dataset straight to a temp file (memory
@@ -24,19 +31,31 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from config.settings import AllowedSource, Settings
+from dicom_node.query.service import FindService
 from dicom_node.receive.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
 from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import InstanceRecord, StateStore
+from workers.report_text import REPORT_SR_CLASSES
+from workers.search import QueryEngine
 
 logger = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+FIND_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                          ExplicitVRBigEndian]
 
 
 def _normal_ip(text: str) -> str:
@@ -96,9 +115,12 @@ class SourcePolicy:
 
 
 class _SourceCheckingACSE(ACSE):
-    """pynetdicom's ACSE plus the (calling AE, peer IP) check, answered with A-ASSOCIATE-RJ."""
+    """pynetdicom's ACSE plus the (calling AE, peer IP) check, answered with A-ASSOCIATE-RJ; an association
+    called by one of ``called_titles`` is accepted under that title (pynetdicom checks the called title against
+    the acceptor's)."""
 
     policy: SourcePolicy
+    called_titles: frozenset[str] = frozenset()
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
@@ -106,6 +128,9 @@ class _SourceCheckingACSE(ACSE):
         peer_ip = str(self.requestor.address)
         why = self.policy.refusal(calling_ae, peer_ip)
         if why is None:
+            called_ae = str(getattr(request, "called_ae_title", "") or "").strip()
+            if called_ae in self.called_titles:
+                self.acceptor.ae_title = called_ae
             super()._negotiate_as_acceptor()
             return
         self.requestor.ae_title = calling_ae
@@ -116,14 +141,18 @@ class _SourceCheckingACSE(ACSE):
         self.assoc.kill()
 
 
-def _request_handler(policy: SourcePolicy) -> type[RequestHandler]:
+def _request_handler(policy: SourcePolicy, called_titles: frozenset[str]) -> type[RequestHandler]:
     """A pynetdicom request handler whose associations use :class:`_SourceCheckingACSE`."""
 
     class SourceCheckingRequestHandler(RequestHandler):
         def _create_association(self) -> Any:
+            # A DIMSE message leaves as several small writes (command, then data set): with Nagle on, each reply
+            # to a peer that delays its ACKs waits ~40 ms (a C-FIND pending response, twice per round trip).
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             assoc = super()._create_association()
             acse = _SourceCheckingACSE(assoc)
             acse.policy = policy
+            acse.called_titles = called_titles
             assoc.acse = acse
             return assoc
 
@@ -141,6 +170,8 @@ class StorageSCP:
         self.on_stored = on_stored
         self.ingestor = Ingestor(settings, layout, store)
         self.policy = SourcePolicy(settings.node.allow)
+        self.query_engine: QueryEngine | None = None  # set by the node; similar-case C-FIND needs it
+        self.find = FindService(settings, store, lambda: self.query_engine)
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         self._thread: threading.Thread | None = None
@@ -166,12 +197,18 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.add_supported_context(VERIFICATION)
+        # Explicit VR first: the private rank/score keep their VRs on the wire where the peer can take them.
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind, FIND_TRANSFER_SYNTAXES)
         syntaxes = list(ACCEPTED_TRANSFER_SYNTAXES)
         for sop_class in CT_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
+        reports = self.ingestor.reports  # radiology report SRs are kept and attached (whatever other_storage says)
+        report_classes = tuple(sorted(REPORT_SR_CLASSES)) if reports is not None else ()
+        for sop_class in report_classes:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         if node.other_storage == "ignore":
             for context in AllStoragePresentationContexts:
-                if context.abstract_syntax not in CT_STORAGE_CLASSES:
+                if context.abstract_syntax not in CT_STORAGE_CLASSES + report_classes:
                     ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
@@ -186,16 +223,19 @@ class StorageSCP:
         # pynetdicom's switch is process-wide: one process runs one StorageSCP (tests run them one at a time).
         _config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
         ae = self.build_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_CONN_CLOSE, self._on_conn_close)]
+        handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_C_FIND, self.find.handle),
+                    (evt.EVT_CONN_CLOSE, self._on_conn_close)]
+        request_handler = _request_handler(self.policy, self.find.called_titles)
         server = ae.make_server((node.bind, node.port), evt_handlers=handlers,
-                                server_class=ThreadedAssociationServer, request_handler=_request_handler(self.policy))
+                                server_class=ThreadedAssociationServer, request_handler=request_handler)
         ae._servers.append(server)  # as ae.start_server() does, so that server.shutdown() and ae.shutdown() work
         self._ae = ae
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         self._thread.start()
-        logger.info("event=scp_ready ae_title=%s bind=%s port=%d allow=%d other_storage=%s max_associations=%d",
-                    node.ae_title, node.bind, self.port, len(node.allow), node.other_storage, node.max_associations)
+        logger.info("event=scp_ready ae_title=%s similar_ae_title=%s bind=%s port=%d allow=%d other_storage=%s "
+                    "max_associations=%d", node.ae_title, self.find.similar_title, node.bind, self.port,
+                    len(node.allow), node.other_storage, node.max_associations)
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -22,7 +22,7 @@ from dicom_node.store.state import StateStore, StudyRow
 from model_export.atomic_files import write_atomic
 from model_export.bundle_manifest import BundleManifest
 from workers.handoff import EmbedOutcome, StudyPayload
-from workers.index import VectorIndex
+from workers.index import SearchFilters, VectorIndex
 from workers.series_selection import read_first_header
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def similar_cases(index: VectorIndex, settings: Settings, vector: list[float],
                   payload: StudyPayload) -> list[SimilarCase]:
     """The K most similar *other* studies (and other patients, unless the policy includes them)."""
     exclude_patient = payload.patient_pseudonym if settings.index.same_patient == "exclude" else None
-    matches = index.search(vector, settings.index.top_k, exclude_study_uid=payload.study_uid,
-                           exclude_patient=exclude_patient)
+    filters = SearchFilters(exclude_study_uid=payload.study_uid, exclude_patient=exclude_patient)
+    matches = index.search(vector, settings.index.top_k, filters=filters)
     return [
         SimilarCase(rank=rank, score=float(match.score), study_uid=str(match.payload.get("study_uid")),
                     accession=match.payload.get("accession"), study_date=match.payload.get("study_date"),

@@ -7,6 +7,7 @@ Layout::
     outcomes/<StudyUID>/v<version>.json                   what a worker made of one study version (vector or reason)
     results/<StudyUID>/<SOPInstanceUID>.dcm               Structured Reports we built
     index/                                                the in-process Qdrant shard (edge backend)
+    reports/<StudyUID>.json (+ sr/<StudyUID>/<SOP>.dcm)   radiology reports (text, PHI; owner-only) and their SRs
     state.sqlite3                                         study, instance and delivery state
     secrets/pseudonym.key                                 key of the patient-id pseudonyms (never leaves the node)
 
@@ -49,6 +50,7 @@ class NodeLayout:
         layout = cls(Path(root).resolve())
         for folder in (layout.spool, layout.quarantine, layout.outcomes, layout.results, layout.index):
             folder.mkdir(parents=True, exist_ok=True)
+        layout.reports.mkdir(mode=0o700, parents=True, exist_ok=True)
         return layout
 
     @property
@@ -70,6 +72,10 @@ class NodeLayout:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
 
     @property
     def state_db(self) -> Path:

@@ -1,4 +1,5 @@
-"""The node's state store (SQLite): studies, their instances and the deliveries of their results.
+"""The node's state store (SQLite): studies, their instances, their DICOM attributes (for listing and C-FIND) and
+the deliveries of their results.
 
 Together with the spool this is the source of truth; queues only carry notifications. Every write is one
 short transaction, so a node killed at any point restarts with each study in a state it can resume from:
@@ -19,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -72,6 +73,30 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_uid);
+-- Study-level attributes for listing and ordinary C-FIND: written once, from the first instance's header.
+CREATE TABLE IF NOT EXISTS study_attributes (
+    study_uid TEXT PRIMARY KEY,
+    study_date TEXT,
+    study_time TEXT,
+    accession_number TEXT,
+    study_description TEXT,
+    study_id TEXT,
+    modalities TEXT NOT NULL DEFAULT '',
+    n_series INTEGER NOT NULL DEFAULT 0,
+    patient_name TEXT,
+    patient_id TEXT,
+    patient_sex TEXT,
+    patient_birth_date TEXT,
+    referring_physician_name TEXT,
+    recorded_at REAL NOT NULL
+);
+-- One row per series: receiving probes it once per instance; only a series not yet here writes attributes.
+CREATE TABLE IF NOT EXISTS study_series (
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    modality TEXT,
+    PRIMARY KEY (study_uid, series_uid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT NOT NULL,
@@ -147,6 +172,37 @@ class InstanceRecord:
     size: int
 
 
+@dataclass(frozen=True)
+class StudyAttributes:
+    """A study's DICOM attributes as its first instance's header gave them (PHI: never logged).
+
+    ``modalities_in_study`` grows as series of new modalities arrive (arrival order); the two counts are what the
+    node holds. Empty header values are ``None``.
+    """
+
+    study_uid: str
+    study_date: str | None = None  # YYYYMMDD
+    study_time: str | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    study_id: str | None = None
+    modalities_in_study: tuple[str, ...] = ()
+    patient_name: str | None = None
+    patient_id: str | None = None
+    patient_sex: str | None = None
+    patient_birth_date: str | None = None
+    referring_physician_name: str | None = None
+    number_of_series: int = 0
+    number_of_instances: int = 0
+
+
+# What an instance's header says about its study and its series' modality (called only for a new series).
+SeriesHeader = Callable[[], tuple[StudyAttributes, str | None]]
+
+_ATTRIBUTE_COLUMNS = ("study_date", "study_time", "accession_number", "study_description", "study_id",
+                      "patient_name", "patient_id", "patient_sex", "patient_birth_date", "referring_physician_name")
+
+
 class StateStore:
     """Typed access to ``state.sqlite3``; safe to share between the node's threads."""
 
@@ -182,11 +238,13 @@ class StateStore:
     # --- receiving ---------------------------------------------------------------------------------
 
     def record_instance(self, record: InstanceRecord, calling_ae: str | None, peer_ip: str | None,
-                        quiet_seconds: float, now: float | None = None) -> bool:
+                        quiet_seconds: float, now: float | None = None, *, header: SeriesHeader | None = None) -> bool:
         """Note a stored instance; returns False when its SOP Instance UID was already known (a re-send).
 
         A new instance of a study that was already processed puts the study back to ``receiving``, so the
-        quiet timer fires again and a new result version is made.
+        quiet timer fires again and a new result version is made. ``header`` gives what the instance's header
+        says about its study and its series' modality; it is called, and written, only when the series is new
+        (otherwise the cost is one indexed probe, in the same transaction).
         """
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -208,6 +266,9 @@ class StateStore:
                 (record.study_uid, StudyState.RECEIVING, calling_ae, peer_ip, quiet_seconds, now, now, now,
                  StudyState.RECEIVING),
             )
+            if header is not None and not _known_series(db, record.study_uid, record.series_uid):
+                study, modality = header()
+                _note_series(db, record.study_uid, record.series_uid, study, modality, now)
             return True
 
     def known_instance(self, sop_uid: str) -> bool:
@@ -215,6 +276,34 @@ class StateStore:
 
     def instances(self, study_uid: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM instances WHERE study_uid = ? ORDER BY series_uid, sop_uid", (study_uid,))
+
+    # --- study attributes ---------------------------------------------------------------------------
+
+    def note_series(self, study_uid: str, series_uid: str, study: StudyAttributes, modality: str | None,
+                    now: float | None = None) -> bool:
+        """Record a series' header outside of receiving (the backfill); True when the series was new."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return _note_series(db, study_uid, series_uid, study, modality, now)
+
+    def study_attributes(self, study_uid: str) -> StudyAttributes | None:
+        rows = self._query(_ATTRIBUTES_SELECT + " WHERE a.study_uid = ?", (study_uid,))
+        return _attributes(rows[0]) if rows else None
+
+    def all_study_attributes(self) -> list[StudyAttributes]:
+        """Every study the node holds that has attributes, oldest arrival first."""
+        return [_attributes(r) for r in self._query(_ATTRIBUTES_SELECT + " ORDER BY s.first_received, a.study_uid")]
+
+    def studies_without_attributes(self) -> list[str]:
+        rows = self._query("SELECT study_uid FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM"
+                           " study_attributes) ORDER BY first_received")
+        return [str(r["study_uid"]) for r in rows]
+
+    def one_instance_per_series(self, study_uid: str) -> list[tuple[str, Path]]:
+        """(series UID, path of one of its instances) for each series of a study (the backfill reads these)."""
+        rows = self._query("SELECT series_uid, MIN(path) AS path FROM instances WHERE study_uid = ?"
+                           " GROUP BY series_uid ORDER BY MIN(received_at)", (study_uid,))
+        return [(str(r["series_uid"]), Path(r["path"])) for r in rows]
 
     # --- assembling and processing -----------------------------------------------------------------
 
@@ -337,6 +426,43 @@ class StateStore:
             return db.execute("UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ? WHERE id = ?"
                               " AND state = ?", (DeliveryState.PENDING, now, delivery_id, DeliveryState.DEAD)
                               ).rowcount == 1
+
+
+_ATTRIBUTES_SELECT = ("SELECT a.*, COALESCE(s.n_instances, 0) AS n_instances FROM study_attributes a"
+                      " LEFT JOIN studies s ON s.study_uid = a.study_uid")
+
+
+def _known_series(db: sqlite3.Connection, study_uid: str, series_uid: str) -> bool:
+    return db.execute("SELECT 1 FROM study_series WHERE study_uid = ? AND series_uid = ?",
+                      (study_uid, series_uid)).fetchone() is not None
+
+
+def _note_series(db: sqlite3.Connection, study_uid: str, series_uid: str, study: StudyAttributes,
+                 modality: str | None, now: float) -> bool:
+    """Insert the series; when it is new, write the study's attributes (first series only) and add its
+    modality to ModalitiesInStudy. True when the series was new."""
+    modality = (modality or "").strip() or None
+    new_series = db.execute("INSERT INTO study_series (study_uid, series_uid, modality) VALUES (?, ?, ?)"
+                            " ON CONFLICT DO NOTHING", (study_uid, series_uid, modality)).rowcount == 1
+    if not new_series:
+        return False
+    values = [getattr(study, column) for column in _ATTRIBUTE_COLUMNS]
+    db.execute(f"INSERT INTO study_attributes (study_uid, {', '.join(_ATTRIBUTE_COLUMNS)}, recorded_at)"
+               f" VALUES ({', '.join('?' * (len(_ATTRIBUTE_COLUMNS) + 2))}) ON CONFLICT(study_uid) DO NOTHING",
+               (study_uid, *values, now))
+    row = db.execute("SELECT modalities FROM study_attributes WHERE study_uid = ?", (study_uid,)).fetchone()
+    modalities = [m for m in str(row["modalities"]).split("\\") if m]
+    if modality is not None and modality not in modalities:
+        modalities.append(modality)
+    db.execute("UPDATE study_attributes SET modalities = ?, n_series = n_series + 1 WHERE study_uid = ?",
+               ("\\".join(modalities), study_uid))
+    return True
+
+
+def _attributes(row: sqlite3.Row) -> StudyAttributes:
+    return StudyAttributes(study_uid=str(row["study_uid"]), **{c: row[c] for c in _ATTRIBUTE_COLUMNS},
+                           modalities_in_study=tuple(m for m in str(row["modalities"]).split("\\") if m),
+                           number_of_series=int(row["n_series"]), number_of_instances=int(row["n_instances"]))
 
 
 def _study(row: sqlite3.Row) -> StudyRow:

@@ -10,22 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from config import Settings
-from workers.index.base import IndexMismatchError, Match, VectorIndex, point_id_for
+from workers.index.base import (IMAGE_VECTOR, REPORT_VECTOR, IndexMismatchError, Match, SearchFilters, StoredPoint,
+                                VectorIndex, point_id_for)
 
-__all__ = ["IndexMismatchError", "Match", "VectorIndex", "open_index", "point_id_for"]
+__all__ = ["IMAGE_VECTOR", "REPORT_VECTOR", "IndexMismatchError", "Match", "SearchFilters", "StoredPoint",
+           "VectorIndex", "open_index", "point_id_for"]
 
 
 def open_index(settings: Settings, folder: Path) -> VectorIndex:
     """The configured backend; call ``ensure_collection(bundle_id, dim)`` on it before use.
 
-    ``folder``: where the edge backend keeps its shards (one sub-folder per collection).
+    ``folder``: where the edge backend keeps its shards (one sub-folder per collection). Both backends take the
+    scale settings of ``settings.index`` (HNSW m/ef_construct/ef, int8 quantisation, rescoring, oversampling,
+    on-disk vectors, RRF k; edge also the background-build threshold ``optimize_after_points``).
     """
     index = settings.index
     if index.backend == "edge":
         from workers.index.edge import EdgeIndex
 
-        return EdgeIndex(folder / index.collection, hnsw_ef=index.hnsw_ef)
+        return EdgeIndex(folder / index.collection, index)
     from workers.index.server import ServerIndex
 
     assert index.url is not None  # the settings validator requires it for this backend
-    return ServerIndex(index.url, index.collection, api_key=index.api_key, hnsw_ef=index.hnsw_ef)
+    return ServerIndex(index.url, index.collection, api_key=index.api_key, settings=index)

@@ -97,7 +97,8 @@ class VectorIndex(Protocol):
 
     def search_fused(self, vectors: Mapping[str, Sequence[float]], limit: int, *,
                      filters: SearchFilters | None = None, offset: int = 0) -> list[Match]:
-        """Reciprocal rank fusion of one ranking per named vector given (score = sum of 1/(rrf_k + rank))."""
+        """Reciprocal rank fusion of one ranking per named vector given: score = sum of 1/(rrf_k + position), the
+        position counted from 0 as Qdrant does. A point lacking one of the vectors is ranked by the others."""
 
     def count(self) -> int:
         """Number of points in the collection."""
@@ -141,3 +142,86 @@ def check_request(bundle_id: str, dim: int) -> None:
         raise ValueError("bundle_id must not be empty")
     if int(dim) < 1:
         raise ValueError(f"dimension must be positive, got {dim}")
+
+
+def checked_using(using: str) -> str:
+    """``using`` if it names one of the collection's vectors; a clear error otherwise."""
+    if using not in VECTOR_NAMES:
+        raise ValueError(f"unknown vector {using!r}; the collection holds {', '.join(VECTOR_NAMES)}")
+    return using
+
+
+def checked_vectors(vectors: Mapping[str, Sequence[float]], dim: int | None) -> dict[str, list[float]]:
+    """The named vectors of one point, each checked; ``image`` is required, unknown names are refused."""
+    unknown = sorted(set(vectors) - set(VECTOR_NAMES))
+    if unknown:
+        raise ValueError(f"unknown vector name(s) {unknown}; the collection holds {', '.join(VECTOR_NAMES)}")
+    if IMAGE_VECTOR not in vectors:
+        raise ValueError(f"a point needs its {IMAGE_VECTOR!r} vector")
+    return {name: checked_vector(vector, dim) for name, vector in vectors.items()}
+
+
+def checked_query_vectors(vectors: Mapping[str, Sequence[float]], dim: int | None) -> dict[str, list[float]]:
+    """The query vectors of a fused search: at least one, each naming a collection vector."""
+    if not vectors:
+        raise ValueError("a fused search needs at least one named query vector")
+    return {checked_using(name): checked_vector(vector, dim) for name, vector in vectors.items()}
+
+
+def check_paging(limit: int, offset: int) -> None:
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")
+    if limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+
+
+@dataclass(frozen=True)
+class PayloadConditions:
+    """A :class:`SearchFilters` as engine-neutral conditions; each backend maps them onto its own filter types."""
+
+    equal: tuple[tuple[str, str], ...]  # keyword matches that must hold
+    not_equal: tuple[tuple[str, str], ...]  # keyword matches that must not hold (own study, own patient)
+    day_from: int | None  # inclusive bounds on STUDY_DAY_FIELD
+    day_to: int | None
+
+    @property
+    def has_range(self) -> bool:
+        return self.day_from is not None or self.day_to is not None
+
+
+def payload_conditions(filters: SearchFilters | None) -> PayloadConditions | None:
+    """What ``filters`` asks of the payload, or None when it asks nothing."""
+    if filters is None:
+        return None
+    equal = tuple((key, value) for key, value in (
+        ("modality", filters.modality), ("body_part", filters.body_part), ("sex", filters.sex),
+        ("age_band", filters.age_band), ("institution", filters.institution)) if value is not None)
+    not_equal = tuple((key, value) for key, value in (
+        ("study_uid", filters.exclude_study_uid), ("patient_pseudonym", filters.exclude_patient)) if value)
+    day_from = int(filters.study_date_from) if filters.study_date_from else None
+    day_to = int(filters.study_date_to) if filters.study_date_to else None
+    conditions = PayloadConditions(equal, not_equal, day_from, day_to)
+    return conditions if (equal or not_equal or conditions.has_range) else None
+
+
+def prefetch_depth(limit: int, offset: int) -> int:
+    """How deep each ranking of a fused search is taken: twice the page, so a point ranked just below the page
+    on one list still collects its other list's share (at least 20)."""
+    return max(20, 2 * (limit + offset))
+
+
+def fuse_rrf(rankings: Sequence[Sequence[Match]], k: int) -> list[Match]:
+    """Reciprocal rank fusion as Qdrant computes it: score = sum over rankings of 1 / (k + position), the position
+    counted from 0 (the best hit of a ranking adds 1/k). Ties keep the order of first appearance.
+
+    Used only where the engine cannot fuse (a Qdrant server without parametrised RRF); the engines' own fusion
+    gives the same scores (tests/test_index_backends.py checks the arithmetic against both).
+    """
+    scores: dict[str, float] = {}
+    first: dict[str, Match] = {}
+    for ranking in rankings:
+        for position, match in enumerate(ranking):
+            scores[match.point_id] = scores.get(match.point_id, 0.0) + 1.0 / (k + position)
+            first.setdefault(match.point_id, match)
+    order = sorted(scores, key=lambda point_id: -scores[point_id])  # stable: ties keep first appearance
+    return [Match(point_id, scores[point_id], first[point_id].payload) for point_id in order]

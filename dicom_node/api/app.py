@@ -1,0 +1,59 @@
+"""The REST API application: ``create_app(services)`` wires the routes under ``/api/v1``, the open health check
+and the error mapping; OpenAPI at ``/docs``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from dicom_node.api import routes_reports, routes_search, routes_studies
+from dicom_node.api.models import Health
+from dicom_node.api.services import ApiServices, Engine
+from dicom_node.store.layout import InvalidUIDError
+from workers.search import QueryError, StudyNotFoundError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/api/v1"
+
+
+def create_app(services: ApiServices) -> FastAPI:
+    app = FastAPI(title="MedFinder Node", version="1",
+                  description="Similar-case search over the studies this node holds: by study, by report or "
+                              "free text. Bearer tokens from `medfinder token create` (scopes read, report, "
+                              "admin); every query and report write is audited.")
+    app.state.services = services
+    api = APIRouter(prefix=PREFIX)
+    api.include_router(routes_studies.router)
+    api.include_router(routes_search.router)
+    api.include_router(routes_reports.router)
+    api.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, tags=["health"],
+                      summary="Liveness, the active bundle and how many studies are indexed (no token)")
+    app.include_router(api)
+    # Safety nets: the routes map these themselves; an error that escapes one is still the client's, not a 500.
+    app.add_exception_handler(StudyNotFoundError, _status(404))
+    app.add_exception_handler(QueryError, _status(422))
+    app.add_exception_handler(InvalidUIDError, _status(422))
+    return app
+
+
+def healthz(engine: Engine) -> JSONResponse:
+    try:
+        described = engine.describe()
+    except Exception:  # noqa: BLE001 - a health check reports, it does not raise
+        logger.exception("event=api_health_error")
+        return JSONResponse(Health(status="degraded").model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok", bundle_id=described.get("bundle_id"),
+                               indexed=described.get("indexed_studies")).model_dump())
+
+
+def _status(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A Starlette exception handler answering ``code`` with the error's message."""
+
+    async def handler(_request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=code)
+
+    return handler
