@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -124,6 +125,20 @@ def test_healthz_is_open_and_counts_the_indexed_studies(served: ServedNode) -> N
         response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "bundle_id": served.bundle_id, "indexed": 2}
+
+
+def test_docs_page_and_its_assets_are_served_by_the_node(served: ServedNode) -> None:
+    """/docs must work on a network without internet: every asset it names comes from the node itself."""
+    root = served.base.removesuffix("/api/v1")
+    page = httpx.get(f"{root}/docs", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert {"/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"} <= set(assets)
+    assert all(asset.startswith("/") for asset in assets), f"an asset from elsewhere: {assets}"
+    for asset in assets:
+        fetched = httpx.get(f"{root}{asset}", timeout=30)
+        assert fetched.status_code == 200 and len(fetched.content) > 100, asset
+    assert "/api/v1/studies/{uid}/similar" in httpx.get(f"{root}/openapi.json", timeout=30).json()["paths"]
 
 
 def test_studies_lists_both_with_state_and_attributes(served: ServedNode) -> None:

@@ -1,5 +1,5 @@
 """The REST API application: ``create_app(services)`` wires the routes under ``/api/v1``, the open health check
-and the error mapping; OpenAPI at ``/docs``."""
+and the error mapping; OpenAPI at ``/openapi.json``, the interactive page at ``/docs`` (offline: ``docs``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from dicom_node.api import routes_reports, routes_search, routes_studies
+from dicom_node.api.docs import add_offline_docs
 from dicom_node.api.models import Health
 from dicom_node.api.services import ApiServices, Engine
 from dicom_node.store.layout import InvalidUIDError
@@ -21,11 +22,12 @@ PREFIX = "/api/v1"
 
 
 def create_app(services: ApiServices) -> FastAPI:
-    app = FastAPI(title="MedFinder Node", version="1",
+    app = FastAPI(title="MedFinder Node", version="1", docs_url=None, redoc_url=None,
                   description="Similar-case search over the studies this node holds: by study, by report or "
                               "free text. Bearer tokens from `medfinder token create` (scopes read, report, "
                               "admin); every query and report write is audited.")
     app.state.services = services
+    add_offline_docs(app)
     api = APIRouter(prefix=PREFIX)
     api.include_router(routes_studies.router)
     api.include_router(routes_search.router)
