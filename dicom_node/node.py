@@ -25,11 +25,12 @@ from dicom_node.pipeline.report_vectors import ReportVectors
 from dicom_node.receive.ingest import reconcile_spool
 from dicom_node.receive.report_sr import ReportReceiver
 from dicom_node.receive.scp import StorageSCP
-from dicom_node.store.layout import InvalidUIDError, NodeLayout
+from dicom_node.store.layout import NodeLayout
 from dicom_node.store.reports import ReportSource, ReportStore
 from dicom_node.store.state import StateStore
 from model_export.bundle_manifest import BundleManifest, read_manifest
 from model_export.registry import active_bundle_path
+from workers.dicom_uids import InvalidUIDError
 from workers.dispatch import Dispatcher, make_dispatcher
 from workers.embed_study import bundle_for
 from workers.handoff import EmbedRequest

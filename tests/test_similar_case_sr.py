@@ -24,7 +24,7 @@ from dicom_node.report.similar_case_sr import (
     device_uid,
 )
 from dicom_node.report.uids import deterministic_uid
-from dicom_node.store.layout import UID_PATTERN
+from workers.dicom_uids import UID_PATTERN
 
 SETTINGS = ResultSettings()
 BUNDLE_ID = "medfinder-ref-0123abcd"

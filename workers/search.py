@@ -37,6 +37,7 @@ import numpy as np
 from config import Settings
 from model_export.keyword_queries import keyword_queries, keyword_texts
 from model_export.runtime import ModelBundle
+from workers.dicom_uids import InvalidUIDError, check_uid
 from workers.handoff import EmbedRequest, EmbedStatus
 from workers.index.base import IMAGE_VECTOR, REPORT_VECTOR, Match, SearchFilters, VectorIndex, point_id_for
 
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["QueryEngine", "QueryError", "SearchHit", "SearchResult", "StudyNotFoundError", "keyword_of"]
 
 MAX_TEXT_CHARS = 100_000  # far above any report; a guard against pasting a whole file
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # A finding name has none of these: sentence punctuation, brackets, digits (sizes, dates), slashes of lists.
 _NOT_A_NAME = re.compile(r"[.,;:!?()\[\]{}\"\d]")
 # A negated phrase ("no effusion") is a statement about absence, not a finding to look for.
@@ -232,12 +232,12 @@ class QueryEngine:
 
     @staticmethod
     def _check_uid(study_uid: str) -> str:
-        uid = str(study_uid or "").strip()
-        if not uid:
+        if not str(study_uid or "").strip():
             raise QueryError("study_uid must not be empty")
-        if len(uid) > 64 or not _UID.match(uid):
-            raise QueryError("study_uid is not a valid DICOM UID (digits and dots, at most 64 characters)")
-        return uid
+        try:
+            return check_uid(study_uid, "study_uid")
+        except InvalidUIDError:
+            raise QueryError("study_uid is not a valid DICOM UID (digits and dots, at most 64 characters)") from None
 
     def _check_page(self, limit: int, offset: int, min_score: float | None) -> None:
         maximum = self.settings.query.max_limit

@@ -13,7 +13,7 @@ from dicom_node.api import routes_reports, routes_search, routes_studies
 from dicom_node.api.docs import add_offline_docs
 from dicom_node.api.models import Health
 from dicom_node.api.services import ApiServices, Engine
-from dicom_node.store.layout import InvalidUIDError
+from workers.dicom_uids import InvalidUIDError
 from workers.search import QueryError, StudyNotFoundError
 
 logger = logging.getLogger(__name__)

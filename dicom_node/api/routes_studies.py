@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from dicom_node.api.auth import Reader
 from dicom_node.api.models import StudyList, StudySummary
 from dicom_node.api.services import Audit, NodeSettings, Store
-from dicom_node.store.layout import UID_PATTERN
+from workers.dicom_uids import UID_PATTERN
 from dicom_node.store.state import StateStore, StudyAttributes, StudyRow
 
 router = APIRouter(tags=["studies"])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dicom_node.store.layout import InvalidUIDError, check_uid
+from workers.dicom_uids import InvalidUIDError, check_uid
 from dicom_node.store.reports import ReportRecord, ReportSource, ReportStore
 from model_export.runtime import ModelBundle
 from workers.index import VectorIndex, point_id_for

@@ -41,9 +41,10 @@ from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from config.settings import Settings
 from dicom_node.receive.quarantine import move_file, quarantine
 from dicom_node.receive.study_header import backfill_study_attributes, study_attributes_from_header
-from dicom_node.store.layout import InvalidUIDError, NodeLayout, check_uid
+from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import InstanceRecord, StateStore
 from model_export.atomic_files import write_atomic
+from workers.dicom_uids import InvalidUIDError, check_uid
 
 if TYPE_CHECKING:
     from dicom_node.receive.report_sr import ReportReceiver

@@ -46,7 +46,7 @@ from pydicom.sr.codedict import codes
 
 from config.settings import ResultSettings
 from dicom_node.report.uids import deterministic_uid
-from dicom_node.store.layout import check_uid
+from workers.dicom_uids import check_uid
 
 SCHEME = "99MEDFINDER"
 IHE_SCHEME = "99IHE"

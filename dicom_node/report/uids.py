@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydicom.uid import generate_uid
 
-from dicom_node.store.layout import check_uid
+from workers.dicom_uids import check_uid
 
 # Separates the parts before hashing, so ("ab", "c") and ("a", "bc") give different UIDs; pydicom itself
 # concatenates its entropy sources without a separator.

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dicom_node.store.layout import InvalidUIDError, check_uid
+from workers.dicom_uids import InvalidUIDError, check_uid
 from model_export.atomic_files import atomic_path
 
 ReportSource = Literal["dicom-sr", "rest"]
