@@ -13,8 +13,9 @@ STAMP := $(VENV)/.medfinder-installed
 APT_STAMP := $(VENV)/.medfinder-apt
 # Debian packages: dcmtk (storescu/storescp/echoscu/findscu: real DICOM peers in tests and benchmarks), dicom3tools
 # (dciodvfy validates every object we write), redis-server (distributed mode), docker-compose (validates the
-# deployment file; no engine needed).
-APT_PACKAGES ?= dcmtk dicom3tools redis-server docker-compose
+# deployment file; no engine needed), orthanc + orthanc-python (the Orthanc integration's real peer), chromium +
+# chromium-driver (headless browser tests of the pages).
+APT_PACKAGES ?= dcmtk dicom3tools redis-server docker-compose orthanc orthanc-python chromium chromium-driver
 RUN_DIR ?= runs/synthetic-cpu
 
 .PHONY: setup apt run train test bench bundle clean

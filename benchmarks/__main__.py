@@ -2,15 +2,23 @@
 
 ``python -m benchmarks NAME [ARGS...]`` runs one of them with its own arguments, e.g.
 ``python -m benchmarks train_throughput --paper``, ``python -m benchmarks bundle_inference --no-paper`` or
-``python -m benchmarks search --sizes 20000``.
+``python -m benchmarks search --sizes 20000`` or ``python -m benchmarks ui_page --views 7``.
 """
 
 import sys
 
-from benchmarks import bundle_inference, receive_throughput, search, study_latency, train_throughput
+from benchmarks import (
+    bundle_inference,
+    receive_throughput,
+    search,
+    study_latency,
+    train_throughput,
+    ui_page,
+)
 
 BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference,
-              "receive_throughput": receive_throughput, "study_latency": study_latency, "search": search}
+              "receive_throughput": receive_throughput, "study_latency": study_latency, "search": search,
+              "ui_page": ui_page}
 
 arguments = sys.argv[1:]
 if arguments:

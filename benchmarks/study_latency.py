@@ -36,8 +36,8 @@ GALLERY_SERIES = ("Lung_Dx-A0002_series2_B70f",)
 def _phases(data_dir: Path, study_uid: str, version: int) -> dict[str, float]:
     with sqlite3.connect(data_dir / "state.sqlite3") as db:
         last = db.execute("SELECT MAX(received_at) FROM instances WHERE study_uid = ?", (study_uid,)).fetchone()[0]
-        delivered = db.execute("SELECT delivered_at FROM deliveries WHERE study_uid = ? AND version = ?",
-                               (study_uid, version)).fetchone()[0]
+        delivered = db.execute("SELECT delivered_at FROM deliveries WHERE study_uid = ? AND version = ? ORDER BY id",
+                               (study_uid, version)).fetchone()[0]  # the SR (queued before its PDF)
     report = json.loads((data_dir / "outcomes" / study_uid / f"v{version}.report.json").read_text())
     worker, node = report["worker"], report["node"]
     phases = {
@@ -49,6 +49,7 @@ def _phases(data_dir: Path, study_uid: str, version: int) -> dict[str, float]:
         "index": node.get("index_s", 0.0),
         "search": node.get("search_s", 0.0),
         "SR": node.get("sr_s", 0.0),
+        "PDF companion": node.get("companion_s", 0.0),
         "send": delivered - report["reported_at"],
     }
     phases["total"] = delivered - last

@@ -462,6 +462,35 @@ class ResultSettings(Section):
     uid_root: str = "1.2.826.0.1.3680043.8.498."
     manufacturer: str = "MedFinder Node"
     institution: str | None = None
+    # A human-readable companion sent with every SR (same study, own series): an Encapsulated PDF with the same
+    # table and thumbnails, for PACS viewers that render SR poorly or not at all. "off" sends the SR alone.
+    companion: Literal["pdf", "off"] = "pdf"
+
+
+class UiSettings(Section):
+    """The "Similar cases" pages the node serves under ``/ui`` on the REST port (server-rendered HTML)."""
+
+    # A login (token typed into the form) or a signed link opens a browser session this long (HttpOnly cookie).
+    session_ttl_s: int = Field(8 * 3600, ge=60)
+    # Default life of a signed link from `medfinder ui link`.
+    link_ttl_s: int = Field(24 * 3600, ge=60)
+    # Thumbnails: edge length in pixels; "lung" (W1500/L-600) or "mediastinum" (W400/L40) window by default.
+    thumbnail_size: int = Field(192, ge=32, le=1024)
+    thumbnail_window: Literal["lung", "mediastinum"] = "lung"
+    # Set the Secure flag on the session cookie (set it when the node is served over HTTPS by a proxy).
+    secure_cookies: bool = False
+
+
+class OrthancSettings(Section):
+    """The Orthanc this node works with: result links on the pages ("open in Orthanc") look studies up there."""
+
+    url: str | None = None  # Orthanc's REST root as the node reaches it, e.g. http://127.0.0.1:8042; None = no links
+    public_url: str | None = None  # as browsers reach it, when it differs from ``url``
+    username: str | None = None
+    password_file: str | None = None  # a file holding the password (never the password in the config)
+    timeout_s: float = Field(5.0, gt=0)
+    # How long a study's lookup answer (held or not) is reused before asking Orthanc again.
+    lookup_cache_s: float = Field(60.0, ge=0)
 
 
 class Settings(Section):
@@ -481,5 +510,7 @@ class Settings(Section):
     index: IndexSettings = IndexSettings()
     query: QuerySettings = QuerySettings()
     api: ApiSettings = ApiSettings()
+    ui: UiSettings = UiSettings()
+    orthanc: OrthancSettings = OrthancSettings()
     workers: WorkerSettings = WorkerSettings()
     results: ResultSettings = ResultSettings()

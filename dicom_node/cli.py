@@ -1,5 +1,5 @@
-"""``medfinder serve``, ``medfinder studies``, ``medfinder deliveries`` and ``medfinder token``: run the node, look
-inside it and manage the REST API's bearer tokens."""
+"""``medfinder serve``, ``medfinder studies``, ``medfinder deliveries``, ``medfinder token`` and ``medfinder ui
+link``: run the node, look inside it, manage the REST API's bearer tokens and hand out signed page links."""
 
 from __future__ import annotations
 
@@ -103,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if node.http is not None:
         print(f"REST API listening: {node.http.url}/api/v1 (OpenAPI at {node.http.url}/docs; tokens: medfinder "
               f"token create --scope read --name NAME --data-dir {node.layout.root})", flush=True)
+        print(f"Similar cases pages: {node.http.url}/ui/ (sign in with a read token, or open a study's page from "
+              f"`medfinder ui link STUDY_UID --data-dir {node.layout.root}`)", flush=True)
     else:
         print("REST API off (--http-port 0)", flush=True)
     while not stopping.wait(0.5):
@@ -193,6 +195,29 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui_link(args: argparse.Namespace) -> int:
+    """A signed link to a study's "Similar cases" page: opens without a token until it expires."""
+    from dicom_node.api.ui.signing import load_or_create_key, signed_link, ui_key_path
+    from workers.dicom_uids import InvalidUIDError, check_uid
+
+    settings = node_settings(args)
+    try:
+        study_uid = check_uid(args.study_uid, "StudyInstanceUID")
+    except InvalidUIDError as error:
+        print(f"medfinder ui link: {error}", file=sys.stderr)
+        return 2
+    ttl = args.ttl if args.ttl is not None else settings.ui.link_ttl_s
+    if ttl < 1:
+        print("medfinder ui link: --ttl must be at least 1 second", file=sys.stderr)
+        return 2
+    host = settings.api.http_bind
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is no address to browse to
+    base_url = args.base_url or f"http://{f'[{host}]' if ':' in host else host}:{settings.api.http_port}"
+    key = load_or_create_key(ui_key_path(settings.paths.data_dir))
+    print(signed_link(key, base_url, study_uid, ttl), flush=True)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="run the DICOM node (receive, embed, index, report)")
     add_config_arguments(serve)
@@ -239,3 +264,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_config_arguments(parser)
         add_data_dir(parser)
         parser.set_defaults(handler=cmd_token)
+
+    ui = subparsers.add_parser("ui", help="the \"Similar cases\" pages: signed links")
+    ui_actions = ui.add_subparsers(dest="action", required=True, metavar="ACTION")
+    link = ui_actions.add_parser("link", help="print a signed URL of a study's page (opens without a token until "
+                                             "it expires; anyone holding it can open the pages)")
+    link.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
+    link.add_argument("--ttl", type=int, help="seconds the link stays valid (default ui.link_ttl_s, 24 h)")
+    link.add_argument("--base-url", help="the node's REST root as browsers reach it (default "
+                                         "http://<api.http_bind>:<api.http_port>)")
+    add_config_arguments(link)
+    add_data_dir(link)
+    link.set_defaults(handler=cmd_ui_link)

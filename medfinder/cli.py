@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from config.loader import ConfigError
 from dicom_node import cli as node_cli
+from dicom_node.orthanc import cli as orthanc_cli
 from model_export import cli as bundle_cli
 from trainer import cli as trainer_cli
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_actions = bundle_cli.register(subparsers)
     trainer_cli.register(subparsers, bundle_actions)
     node_cli.register(subparsers)
+    orthanc_cli.register(subparsers)
     return parser
 
 

@@ -1,7 +1,8 @@
-"""Helpers for the SR and delivery tests: a synthetic query header and a written SR."""
+"""Helpers for the SR and delivery tests: a synthetic query header, a written SR, the text of a PDF companion."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pydicom
@@ -45,3 +46,19 @@ def write_sr(folder: Path, header: Dataset | None = None, version: int = 1) -> t
     path = folder / f"{sr.SOPInstanceUID}.dcm"
     sr.save_as(path, enforce_file_format=True)
     return path, sr
+
+
+def pdf_text(pdf: bytes) -> str:
+    """The text-showing operands of a PDF's uncompressed content streams (reportlab ``pageCompression=0``), joined
+    without whitespace: a wrapped line or a split run then reads as one string (compare with :func:`squash`)."""
+    raw = pdf.decode("latin-1")
+    strings = re.findall(r"\(((?:\\.|[^\\)])*)\)\s*Tj", raw)
+    unescaped = [re.sub(r"\\([()\\])", r"\1", s) for s in strings]
+    decoded = "".join(re.sub(r"\\(\d{3})", lambda m: bytes([int(m.group(1), 8)]).decode("cp1252"), s)
+                      for s in unescaped)
+    return squash(decoded)
+
+
+def squash(text: str) -> str:
+    """``text`` without whitespace, to look it up in :func:`pdf_text`."""
+    return re.sub(r"\s+", "", text)

@@ -73,3 +73,24 @@ def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
     result = compose_config(path)
     assert result.returncode != 0
     assert "gpus_please" in result.stderr
+
+
+def test_orthanc_service_is_pinned_and_wired_to_the_node(rendered: dict) -> None:
+    """The orthanc profile: a pinned image with the Python plugin, its configuration from `medfinder orthanc
+    config` mounted where the generated paths point, and the node sending results to it."""
+    services = rendered["services"]
+    orthanc, node = services["orthanc"], services["node"]
+    image, _, tag = orthanc["image"].partition(":")
+    assert image == "jodogne/orthanc-python" and tag and tag != "latest", orthanc["image"]
+    assert orthanc["command"] == ["/etc/orthanc-medfinder/orthanc.json"]
+    targets = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in orthanc["volumes"]}
+    assert {"/etc/orthanc-medfinder", "/var/lib/orthanc/db"} <= targets
+    assert "orthanc" in orthanc.get("profiles", [])
+    environment = node["environment"]
+    assert yaml.safe_load(environment["MEDFINDER__NODE__DESTINATIONS"]) == [
+        {"ae_title": "ORTHANC", "host": "orthanc", "port": 4242}]
+    assert environment["MEDFINDER__ORTHANC__URL"] == "http://orthanc:8042"
+    assert environment["MEDFINDER__API__HTTP_BIND"] == "0.0.0.0"
+    published = [p if isinstance(p, str) else f"{p.get('host_ip')}:{p.get('published')}:{p.get('target')}"
+                 for p in orthanc["ports"]]
+    assert any(p.startswith("127.0.0.1:") and p.split("/")[0].endswith(":8042") for p in published), published

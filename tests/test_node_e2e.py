@@ -1,6 +1,6 @@
 """The node end to end with real peers: dcmtk storescu sends the two lung-pet-ct-dx studies to a running
 ``medfinder serve``; a dcmtk storescp (the PACS) receives one Comprehensive 3D SR per study naming the other
-study; every SR passes dciodvfy. Once in embedded mode, once in distributed mode (real redis-server, real Celery
+study, and its Encapsulated PDF companion in the same study; every SR and PDF passes dciodvfy. Once in embedded mode, once in distributed mode (real redis-server, real Celery
 worker process). Then: SIGKILL half-way through a study loses nothing and duplicates nothing.
 """
 
@@ -28,9 +28,11 @@ from node_helpers import (
     wait_for,
     write_node_config,
 )
+from sr_helpers import pdf_text, squash
 
 SIMILAR_CASE_CODE_MEANING = "Similar case"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 @pytest.fixture
@@ -51,17 +53,22 @@ def lung_studies(lung_ct_dir: Path) -> dict[str, list[Path]]:
     return studies
 
 
-def received_srs(pacs_dir: Path) -> list[pydicom.Dataset]:
+def received_srs(pacs_dir: Path, prefix: str = "SR", sop_class: str = COMPREHENSIVE_3D_SR) -> list[pydicom.Dataset]:
     """The SRs storescp has finished writing (it names them SR3.<SOPInstanceUID>; a file mid-write is skipped)."""
     srs = []
-    for path in sorted(pacs_dir.glob("SR*")):
+    for path in sorted(pacs_dir.glob(f"{prefix}*")):
         try:
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, EOFError, OSError):
             continue
-        if ds.SOPClassUID == COMPREHENSIVE_3D_SR:
+        if ds.SOPClassUID == sop_class:
             srs.append(ds)
     return srs
+
+
+def received_pdfs(pacs_dir: Path) -> list[pydicom.Dataset]:
+    """The PDF companions storescp has finished writing (named PDF.<SOPInstanceUID>)."""
+    return received_srs(pacs_dir, "PDF", ENCAPSULATED_PDF)
 
 
 def referenced_study_uids(sr: pydicom.Dataset) -> set[str]:
@@ -94,16 +101,23 @@ def check_two_study_round_trip(tmp_path: Path, lung_ct_dir: Path, config: Path, 
             assert result.returncode == 0, result.stdout + result.stderr
         srs = wait_for(lambda: len(received_srs(pacs_dir)) >= 2 and received_srs(pacs_dir), 180,
                        f"two SRs at the PACS\n{node_log(tmp_path)}", interval=0.5)
+        pdfs = wait_for(lambda: len(received_pdfs(pacs_dir)) >= 2 and received_pdfs(pacs_dir), 60,
+                        f"two PDF companions at the PACS\n{node_log(tmp_path)}", interval=0.5)
     finally:
         stop_process(node)
     assert len(srs) == 2, "exactly one SR per study"
+    assert len(pdfs) == 2 and {str(pdf.StudyInstanceUID) for pdf in pdfs} == set(studies), "one PDF per study"
+    for pdf in pdfs:
+        (other,) = set(studies) - {str(pdf.StudyInstanceUID)}
+        document = bytes(pdf.EncapsulatedDocument)[:pdf.EncapsulatedDocumentLength]
+        assert squash(other) in pdf_text(document), "the PDF names the other study"
     by_study = {str(sr.StudyInstanceUID): sr for sr in srs}
     assert set(by_study) == set(studies)
     for study_uid, sr in by_study.items():
         (other,) = set(studies) - {study_uid}
         assert other in referenced_study_uids(sr), f"the SR of {study_uid} does not name {other}"
         assert sr.Modality == "SR"
-    for path in sorted(pacs_dir.glob("SR*")):
+    for path in sorted([*pacs_dir.glob("SR*"), *pacs_dir.glob("PDF*")]):
         assert dciodvfy(path)[0] == [], path
 
 
@@ -136,7 +150,7 @@ def instances_recorded(state_db: Path) -> int:
 
 
 def test_sigkill_half_way_loses_nothing(tmp_path: Path, lung_ct_dir: Path, node_data_dir: Path) -> None:
-    """Kill -9 after half a series arrived, restart, send the rest: indexed once, one SR delivered."""
+    """Kill -9 after half a series arrived, restart, send the rest: indexed once, one SR (and its PDF) delivered."""
     files = sorted((lung_ct_dir / "Lung_Dx-A0002_series2_B70f").glob("*.dcm"))
     half = len(files) // 2
     pacs_dir = tmp_path / "pacs"
@@ -154,7 +168,8 @@ def test_sigkill_half_way_loses_nothing(tmp_path: Path, lung_ct_dir: Path, node_
         node = start_node(config, port, tmp_path / "node.log")
         try:
             assert storescu(port, files[half:]).returncode == 0
-            wait_for(lambda: received_srs(pacs_dir), 120, f"the SR\n{node_log(tmp_path)}", interval=0.5)
+            wait_for(lambda: received_srs(pacs_dir) and received_pdfs(pacs_dir), 120,
+                     f"the SR and its PDF\n{node_log(tmp_path)}", interval=0.5)
             wait_for(lambda: _study_rows(state_db)[0]["state"] == "reported", 30, "the study to be reported")
         finally:
             stop_process(node)
@@ -166,9 +181,9 @@ def test_sigkill_half_way_loses_nothing(tmp_path: Path, lung_ct_dir: Path, node_
     assert outcomes == ["v1.json"]
     assert json.loads((node_data_dir / "outcomes" / study["study_uid"] / "v1.json").read_text())["payload"][
         "n_slices"] == len(files)
-    assert len(received_srs(pacs_dir)) == 1, "one SR delivered"
+    assert len(received_srs(pacs_dir)) == 1 and len(received_pdfs(pacs_dir)) == 1, "one SR and one PDF delivered"
     with sqlite3.connect(state_db) as db:
-        assert db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall() == [("delivered", 1)]
+        assert db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall() == [("delivered", 2)]
 
 
 def _study_rows(state_db: Path) -> list[dict]:

@@ -83,8 +83,8 @@ def test_a_late_instance_makes_a_new_result_version(tmp_path: Path, lung_ct_dir:
         finally:
             node.stop()
     assert study.version == 2 and study.state == StudyState.REPORTED
-    assert [d.version for d in deliveries] == [1, 2]
-    assert len({d.sop_uid for d in deliveries}) == 2, "each result version has its own SR instance"
+    assert [d.version for d in deliveries] == [1, 1, 2, 2], "per version: the SR, then its PDF companion"
+    assert len({d.sop_uid for d in deliveries}) == 4, "each result version has its own SR and PDF instance"
 
 
 def test_an_unreachable_destination_ends_dead_and_an_operator_retries_it(tmp_path: Path, lung_ct_dir: Path,
@@ -104,14 +104,15 @@ def test_an_unreachable_destination_ends_dead_and_an_operator_retries_it(tmp_pat
     assert "dead" in listing.stdout and f"127.0.0.1:{closed_port}" in listing.stdout
     retry = subprocess.run([medfinder, "deliveries", "retry", "--data-dir", str(data_dir)],
                            capture_output=True, text=True, timeout=60)
-    assert retry.returncode == 0 and "retrying 1" in retry.stdout
+    assert retry.returncode == 0 and "retrying 2" in retry.stdout, "the SR and its PDF companion"
     # The PACS comes up on that port; the restarted node delivers the retried SR.
     pacs = tmp_path / "pacs"
     with storescp(pacs, port=closed_port):
         node = Node(node_settings(data_dir, closed_port))
         node.start()
         try:
-            wait_for(lambda: node.store.deliveries(state=DeliveryState.DELIVERED), 60, "the retried delivery")
+            wait_for(lambda: len(node.store.deliveries(state=DeliveryState.DELIVERED)) == 2, 60,
+                     "the retried deliveries")
         finally:
             node.stop()
-    assert len(list(pacs.glob("SR*"))) == 1
+    assert len(list(pacs.glob("SR*"))) == 1 and len(list(pacs.glob("PDF*"))) == 1

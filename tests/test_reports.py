@@ -254,7 +254,8 @@ def test_reports_over_dicom_before_and_after_images_replace_each_other_and_never
         assert found.hits[0].study_uid == study and found.hits[0].has_report and found.query["ranking"] == "rrf"
 
         # 3. Our own similar-case SR comes back (as sent, and relabelled as a Comprehensive SR): not a report.
-        (ours,) = sorted((data_dir / "results" / study).glob("*.dcm"))
+        (ours,) = [path for path in sorted((data_dir / "results" / study).glob("*.dcm"))
+                   if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR"]  # not its PDF companion
         relabelled = pydicom.dcmread(ours)
         relabelled.SOPClassUID = ComprehensiveSRStorage
         relabelled.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage

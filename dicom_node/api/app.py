@@ -1,5 +1,6 @@
 """The REST API application: ``create_app(services)`` wires the routes under ``/api/v1``, the open health check
-and the error mapping; OpenAPI at ``/openapi.json``, the interactive page at ``/docs`` (offline: ``docs``)."""
+and the error mapping; OpenAPI at ``/openapi.json``, the interactive page at ``/docs`` (offline: ``docs``); the
+"Similar cases" pages under ``/ui`` (``dicom_node.api.ui``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dicom_node.api import routes_reports, routes_search, routes_studies
 from dicom_node.api.docs import add_offline_docs
 from dicom_node.api.models import Health
 from dicom_node.api.services import ApiServices, Engine
+from dicom_node.api.ui import routes as ui_routes
 from workers.dicom_uids import InvalidUIDError
 from workers.search import QueryError, StudyNotFoundError
 
@@ -35,6 +37,7 @@ def create_app(services: ApiServices) -> FastAPI:
     api.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, tags=["health"],
                       summary="Liveness, the active bundle and how many studies are indexed (no token)")
     app.include_router(api)
+    ui_routes.install(app)
     # Safety nets: the routes map these themselves; an error that escapes one is still the client's, not a 500.
     app.add_exception_handler(StudyNotFoundError, _status(404))
     app.add_exception_handler(QueryError, _status(422))

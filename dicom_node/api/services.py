@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from config import Settings
 from dicom_node.api.audit import AuditLog
+from dicom_node.api.orthanc_links import OrthancLinks
 from dicom_node.api.tokens import TokenStore
+from dicom_node.report.thumbnails import ThumbnailCache
+from dicom_node.store.layout import NodeLayout
+from dicom_node.store.reports import ReportStore
 from dicom_node.store.state import StateStore
 from workers.search import QueryEngine
 
@@ -27,6 +32,15 @@ class ApiServices:
     tokens: TokenStore
     audit: AuditLog
     settings: Settings
+    # The pages and thumbnails (None: a bare API, as the search benchmark builds it; the pages then use
+    # settings.paths.data_dir, show no thumbnails, snippets or Orthanc links).
+    layout: NodeLayout | None = None
+    reports: ReportStore | None = None
+    thumbnails: ThumbnailCache | None = None
+    orthanc: OrthancLinks | None = None  # None when orthanc.url is not set
+
+    def data_dir(self) -> Path:
+        return self.layout.root if self.layout is not None else Path(self.settings.paths.data_dir)
 
 
 def services(request: Request) -> ApiServices:
@@ -53,6 +67,7 @@ def _settings(request: Request) -> Settings:
     return services(request).settings
 
 
+Services = Annotated[ApiServices, Depends(services)]
 Engine = Annotated[QueryEngine, Depends(_engine)]
 Store = Annotated[StateStore, Depends(_store)]
 ReportAttacher = Annotated[AttachReport, Depends(_attach_report)]

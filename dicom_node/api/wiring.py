@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING
 
 from dicom_node.api.app import create_app
 from dicom_node.api.audit import AuditLog, audit_path
+from dicom_node.api.orthanc_links import OrthancLinks
 from dicom_node.api.server import ApiServer
 from dicom_node.api.services import ApiServices
 from dicom_node.api.tokens import TokenStore, tokens_path
+from dicom_node.report.thumbnails import ThumbnailCache
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -21,7 +23,10 @@ def start_api(node: Node) -> ApiServer | None:
         return None
     services = ApiServices(engine=node.query_engine, store=node.store, attach_report=node.attach_report,
                            tokens=TokenStore(tokens_path(node.layout.root)),
-                           audit=AuditLog(audit_path(node.layout.root)), settings=settings)
+                           audit=AuditLog(audit_path(node.layout.root)), settings=settings,
+                           layout=node.layout, reports=node.reports,
+                           thumbnails=ThumbnailCache(node.layout.thumbnails),
+                           orthanc=OrthancLinks(settings.orthanc) if settings.orthanc.url else None)
     server = ApiServer(create_app(services), settings.api.http_bind, settings.api.http_port)
     server.start()
     return server

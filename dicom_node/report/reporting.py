@@ -1,9 +1,10 @@
-"""An indexed study's similar cases as a Structured Report, written and queued for delivery.
+"""An indexed study's similar cases as a Structured Report (and its PDF companion), written and queued for delivery.
 
 Run by the pipeline once the study is indexed and no study that completed alongside it is still being embedded
 (``dicom_node.pipeline.batching``), so a batch pushed together can name each other. Idempotent: the SR's UIDs
 are derived from (study, bundle, result version) and deliveries are unique per (SR, destination), so reporting
-the same outcome twice after a crash changes nothing.
+the same outcome twice after a crash changes nothing. The PDF companion (``results.companion: pdf``) follows the
+same rules with its own UIDs; a thumbnail that cannot be drawn leaves a placeholder box, never a missing SR.
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydicom
 
 from config import Settings
 from config.settings import Destination
+from dicom_node.report.companion import (
+    QueryStudy,
+    build_companion_dicom,
+    build_companion_pdf,
+    companion_bytes,
+)
 from dicom_node.report.similar_case_sr import SimilarCase, build_similar_case_sr
+from dicom_node.report.thumbnails import ThumbnailCache, ThumbnailError, study_thumbnail
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import StateStore, StudyRow
 from model_export.atomic_files import write_atomic
@@ -36,6 +45,7 @@ class ReportResult:
     matches: int
     destinations: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    companion_sop_uid: str | None = None  # the Encapsulated PDF, when results.companion is "pdf"
 
 
 def destinations_for(settings: Settings, study: StudyRow) -> list[Destination]:
@@ -64,9 +74,50 @@ def similar_cases(index: VectorIndex, settings: Settings, vector: list[float],
     ]
 
 
+def _thumbnails(settings: Settings, layout: NodeLayout, store: StateStore, study_uid: str, series_uid: str,
+                cases: list[SimilarCase]) -> dict[str, bytes | None]:
+    """Thumbnails for the companion, by Study UID; one that cannot be drawn is None (a placeholder box)."""
+    cache = ThumbnailCache(layout.thumbnails)
+    window, size = settings.ui.thumbnail_window, settings.ui.thumbnail_size
+    images: dict[str, bytes | None] = {}
+    try:
+        images[study_uid] = cache.get(study_uid, series_uid, layout.study_spool(study_uid) / series_uid,
+                                      window=window, size=size)
+    except (ThumbnailError, OSError, ValueError) as error:
+        logger.warning("event=thumbnail_failed study_uid=%s error=%s", study_uid, type(error).__name__)
+        images[study_uid] = None
+    for case in cases:
+        try:
+            images[case.study_uid] = study_thumbnail(layout, store, cache, case.study_uid, window=window, size=size)
+        except (ThumbnailError, OSError, ValueError) as error:
+            logger.warning("event=thumbnail_failed study_uid=%s error=%s", case.study_uid, type(error).__name__)
+            images[case.study_uid] = None
+    return images
+
+
+def write_companion(settings: Settings, layout: NodeLayout, store: StateStore, bundle_manifest: BundleManifest,
+                    query_instance: pydicom.Dataset, outcome: EmbedOutcome,
+                    cases: list[SimilarCase]) -> tuple[str, Path]:
+    """Build the PDF companion of one result version and write it beside the SR; (SOP Instance UID, path)."""
+    model = bundle_manifest.model
+    bundle_name = model.name or "MedFinder"
+    bundle_version = model.version or outcome.bundle_id[:12]
+    query = QueryStudy.from_header(query_instance)
+    thumbnails = _thumbnails(settings, layout, store, query.study_uid, str(outcome.series_uid), cases)
+    pdf = build_companion_pdf(query, cases, thumbnails=thumbnails, bundle_id=outcome.bundle_id,
+                              bundle_name=bundle_name, bundle_version=bundle_version, result_version=outcome.version)
+    companion = build_companion_dicom(query_instance, pdf, bundle_id=outcome.bundle_id, bundle_name=bundle_name,
+                                      bundle_version=bundle_version, result_version=outcome.version,
+                                      settings=settings.results)
+    path = layout.result_path(query.study_uid, companion.SOPInstanceUID)
+    write_atomic(path, companion_bytes(companion))
+    return str(companion.SOPInstanceUID), path
+
+
 def report_study(settings: Settings, layout: NodeLayout, store: StateStore, index: VectorIndex,
                  bundle_manifest: BundleManifest, study: StudyRow, outcome: EmbedOutcome) -> ReportResult:
-    """Find an indexed study's similar cases, write its SR and queue one delivery per destination."""
+    """Find an indexed study's similar cases, write its SR (and PDF companion) and queue one delivery per
+    destination for each."""
     timings: dict[str, float] = {}
     if outcome.vector is None or outcome.payload is None or outcome.series_uid is None:
         raise ValueError(f"outcome v{outcome.version} of {study.study_uid} has no vector to search with")
@@ -87,11 +138,24 @@ def report_study(settings: Settings, layout: NodeLayout, store: StateStore, inde
     write_atomic(sr_path, buffer.getvalue())
     timings["sr_s"] = time.perf_counter() - step
 
+    objects: list[tuple[str, Path]] = [(str(sr.SOPInstanceUID), sr_path)]
+    companion_uid: str | None = None
+    if settings.results.companion == "pdf":
+        step = time.perf_counter()
+        try:
+            companion_uid, companion_path = write_companion(settings, layout, store, bundle_manifest,
+                                                            query_instance, outcome, cases)
+            objects.append((companion_uid, companion_path))
+        except Exception:  # the PDF only renders the SR: never let it hold the result back
+            logger.exception("event=companion_failed study_uid=%s version=%d", study.study_uid, outcome.version)
+        timings["companion_s"] = time.perf_counter() - step
+
     targets = destinations_for(settings, study)
     for destination in targets:
-        store.add_delivery(study.study_uid, outcome.version, sr.SOPInstanceUID, sr_path, destination.label,
-                           destination.ae_title, destination.host, destination.port)
+        for sop_uid, path in objects:  # the SR first: it is the result, the PDF its rendering
+            store.add_delivery(study.study_uid, outcome.version, sop_uid, path, destination.label,
+                               destination.ae_title, destination.host, destination.port)
     if not targets:
         logger.warning("event=no_destination study_uid=%s calling_ae=%s hint='set node.destinations or the "
                        "source port in node.allow'", study.study_uid, study.calling_ae)
-    return ReportResult(sr.SOPInstanceUID, len(cases), [d.label for d in targets], timings)
+    return ReportResult(sr.SOPInstanceUID, len(cases), [d.label for d in targets], timings, companion_uid)

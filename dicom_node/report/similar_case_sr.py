@@ -100,14 +100,15 @@ def device_uid(settings: ResultSettings, bundle_id: str) -> str:
     return deterministic_uid(settings.uid_root, "device", bundle_id)
 
 
-def _node_version() -> str:
+def node_version() -> str:
+    """This package's version, for SoftwareVersions of everything we write."""
     try:
         return importlib_metadata.version("medfinder-node")
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
 
 
-def _query_evidence(query_instance: Dataset) -> Dataset:
+def query_evidence(query_instance: Dataset) -> Dataset:
     """The query instance reduced to what the SR references and inherits (no pixels, no private tags)."""
     evidence = Dataset()
     for keyword in _REFERENCE:
@@ -124,7 +125,8 @@ def _query_evidence(query_instance: Dataset) -> Dataset:
     return evidence
 
 
-def _format_date(value: str | None) -> str:
+def format_date(value: str | None) -> str:
+    """A DICOM DA as YYYY-MM-DD for people (DATE items and raw DA are rendered poorly by viewers)."""
     text = (value or "").strip()
     if len(text) == 8 and text.isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
@@ -135,7 +137,7 @@ def case_summary(case: SimilarCase) -> str:
     """The human-readable line of one match (what a PACS SR viewer shows)."""
     description = (case.description or "").strip() or "no description"
     accession = (case.accession or "").strip() or "not recorded"
-    return f"Study date {_format_date(case.study_date)}; accession {accession}; {description}"
+    return f"Study date {format_date(case.study_date)}; accession {accession}; {description}"
 
 
 def _case_container(case: SimilarCase) -> ContainerContentItem:
@@ -153,7 +155,8 @@ def _case_container(case: SimilarCase) -> ContainerContentItem:
     return container
 
 
-def _coding_schemes() -> list[Dataset]:
+def coding_schemes() -> list[Dataset]:
+    """Declarations of our private coding schemes (dciodvfy flags undeclared ones; field notes 4.5)."""
     items = []
     for designator, name in ((SCHEME, "MedFinder Node similar-case search codes"),
                              (IHE_SCHEME, "IHE Radiology provisional codes")):
@@ -165,13 +168,13 @@ def _coding_schemes() -> list[Dataset]:
     return items
 
 
-def _contributing_equipment(settings: ResultSettings, bundle_id: str, bundle_name: str,
-                            bundle_version: str) -> Dataset:
+def contributing_equipment(settings: ResultSettings, bundle_id: str, bundle_name: str,
+                           bundle_version: str) -> Dataset:
     """IHE AIR's Contributing Equipment item for the algorithm (field notes 6.4)."""
     item = Dataset()
     item.Manufacturer = settings.manufacturer
     item.ManufacturerModelName = bundle_name[:64]
-    item.SoftwareVersions = [f"medfinder-node {_node_version()}"[:64], str(bundle_version)[:64]]
+    item.SoftwareVersions = [f"medfinder-node {node_version()}"[:64], str(bundle_version)[:64]]
     item.DeviceUID = device_uid(settings, bundle_id)
     item.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
     if settings.institution:
@@ -205,7 +208,7 @@ def build_similar_case_sr(query_instance: pydicom.Dataset, matches: Sequence[Sim
         raise ValueError(f"result_version must be ≥ 1, got {result_version}")
     if not bundle_id:
         raise ValueError("bundle_id must not be empty")
-    evidence = _query_evidence(query_instance)
+    evidence = query_evidence(query_instance)
     study_uid = str(evidence.StudyInstanceUID)
     cases = sorted(matches, key=lambda case: case.rank)
     if len({case.rank for case in cases}) != len(cases):
@@ -239,8 +242,8 @@ def build_similar_case_sr(query_instance: pydicom.Dataset, matches: Sequence[Sim
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
         sr = _comprehensive_3d_sr(evidence, root, settings, study_uid, bundle_id, result_version)
     sr.SeriesDescription = SERIES_DESCRIPTION
-    sr.SoftwareVersions = _node_version()
-    sr.CodingSchemeIdentificationSequence = [*sr.get("CodingSchemeIdentificationSequence", []), *_coding_schemes()]
+    sr.SoftwareVersions = node_version()
+    sr.CodingSchemeIdentificationSequence = [*sr.get("CodingSchemeIdentificationSequence", []), *coding_schemes()]
     sr.ContributingEquipmentSequence = [*sr.get("ContributingEquipmentSequence", []),
-                                        _contributing_equipment(settings, bundle_id, bundle_name, bundle_version)]
+                                        contributing_equipment(settings, bundle_id, bundle_name, bundle_version)]
     return sr

@@ -5,7 +5,8 @@ Layout::
     spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   objects exactly as received (temp file + atomic rename)
     quarantine/<stamp>-<digest>.dcm (+ .reason.json)      objects refused by the SCP, with why
     outcomes/<StudyUID>/v<version>.json                   what a worker made of one study version (vector or reason)
-    results/<StudyUID>/<SOPInstanceUID>.dcm               Structured Reports we built
+    results/<StudyUID>/<SOPInstanceUID>.dcm               Structured Reports and their PDF companions we built
+    thumbnails/<StudyUID>/<SeriesUID>-<window>-<size>.png  page and companion thumbnails (a cache: safe to delete)
     index/                                                the in-process Qdrant shard (edge backend)
     reports/<StudyUID>.json (+ sr/<StudyUID>/<SOP>.dcm)   radiology reports (text, PHI; owner-only) and their SRs
     state.sqlite3                                         study, instance and delivery state
@@ -60,6 +61,10 @@ class NodeLayout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def thumbnails(self) -> Path:
+        return self.root / "thumbnails"
 
     @property
     def state_db(self) -> Path:

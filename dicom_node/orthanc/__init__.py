@@ -1,0 +1,1 @@
+"""Orthanc integration: the configuration generator and the thin plugin it installs (``plugin/``)."""

@@ -1,0 +1,1 @@
+"""The Orthanc Python plugin script (stdlib only; copied next to orthanc.json by ``medfinder orthanc config``)."""
