@@ -1,6 +1,6 @@
 # MedFinder Node — fresh-machine entry points (see README):
 #   make setup   idempotent: apt packages the project needs, .venv/ with the project installed
-#   make run     the DICOM node on embedded defaults (builds the reference bundle first if none is active)
+#   make run     the DICOM node on embedded defaults, at once (builds the reference bundle in the background if none)
 #   make train   the synthetic benchmark training + evaluation (the trainer's demo run)
 #   make test    the test suite
 #   make bench   the benchmarks (figures printed)
@@ -40,11 +40,18 @@ $(STAMP): pyproject.toml $(APT_STAMP)
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 	@touch $@
 
-# The node on embedded defaults; the reference bundle is built first when none is active (once: ~15 min on 2 cores).
+# The node on embedded defaults, listening at once. When no bundle is active the reference bundle is built in the
+# background (once: ~15 min on 2 cores; log in $(RUN_DIR)/reference-bundle.log) and activated when done; until then
+# the node receives and stores studies, queries answer 503, and it embeds what it holds as soon as the bundle is
+# active. Stopping the node stops the build too (training resumes from its last checkpoint on the next make run).
 # SERVE_ARGS adds flags, e.g. make run SERVE_ARGS="--allow-ae PACS@10.0.0.5:104 --quiet-seconds 5".
 SERVE_ARGS ?=
 run: setup
-	HF_HUB_OFFLINE=1 $(BIN)/medfinder bundle reference --if-missing --run-dir $(RUN_DIR)
+	@mkdir -p $(RUN_DIR)
+	@HF_HUB_OFFLINE=1 $(BIN)/medfinder bundle reference --if-missing --run-dir $(RUN_DIR) \
+	    > $(RUN_DIR)/reference-bundle.log 2>&1 & builder=$$!; \
+	trap 'kill $$builder 2>/dev/null' EXIT INT TERM; \
+	echo "reference bundle: building in the background if none is active (log: $(RUN_DIR)/reference-bundle.log)"; \
 	HF_HUB_OFFLINE=1 $(BIN)/medfinder serve $(SERVE_ARGS)
 
 train: setup

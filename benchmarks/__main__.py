@@ -8,8 +8,10 @@
 import sys
 
 from benchmarks import (
+    backfill,
     bundle_inference,
     receive_throughput,
+    reindex,
     search,
     study_latency,
     train_throughput,
@@ -18,7 +20,7 @@ from benchmarks import (
 
 BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_inference,
               "receive_throughput": receive_throughput, "study_latency": study_latency, "search": search,
-              "ui_page": ui_page}
+              "ui_page": ui_page, "backfill": backfill, "reindex": reindex}
 
 arguments = sys.argv[1:]
 if arguments:

@@ -62,6 +62,13 @@ class PreprocessingSettings(Section):
     crop_foreground: bool = True
     foreground_threshold_hu: float = -500.0
     min_slices: int = 8
+    # How the windowed volume reaches ``target_shape``: linear resize (MedFinder) or centred crop / pad at the
+    # native (or ``target_spacing_mm``) grid (COLIPRI's torchio CropOrPad); padding uses ``pad_value`` (output units).
+    fit: Literal["resize", "crop_or_pad"] = "resize"
+    pad_value: float = 0.0
+    # Axis order of the array handed to the encoder after the channel: (S, A, R) = slices first (MedFinder) or
+    # (R, A, S) = nibabel/torchio voxel order (COLIPRI).
+    axis_order: Literal["SAR", "RAS"] = "SAR"
 
     @field_validator("hu_window", "output_range")
     @classmethod
@@ -109,6 +116,9 @@ class DataSettings(Section):
     on_bad_row: Literal["skip", "stop"] = "skip"
     cache_preprocessed: bool = True
     num_workers: int = Field(0, ge=0)
+    # What the training CT shows (model_export.domain region names): written into exported bundles' manifest
+    # `domain`, so the node embeds only studies of these regions. The synthetic benchmark and CT-RATE are chest CT.
+    body_regions: tuple[str, ...] = ("CHEST",)
 
 
 ImageBackbone = Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit_base", "vit_small"]
@@ -369,6 +379,11 @@ class SeriesSelectionSettings(Section):
                                               "scanogram")
     # Among eligible series: the one with most slices, then the thinnest slices.
     prefer: Literal["most_slices", "thinnest"] = "most_slices"
+    # Domain routing: embed only studies whose body region is one the active bundle's manifest declares
+    # (BodyPartExamined, else descriptions and protocol names through model_export.domain's synonym list).
+    domain_check: bool = True
+    # A study whose region cannot be told from its header: embed it (and record "region unknown") or not.
+    unknown_region: Literal["embed", "skip"] = "embed"
 
 
 class IndexSettings(Section):
@@ -467,6 +482,45 @@ class ResultSettings(Section):
     companion: Literal["pdf", "off"] = "pdf"
 
 
+class RetentionSettings(Section):
+    """What the node keeps of a study once it is embedded: the DICOM as received, only the volume, or nothing.
+
+    ``dicom``: the spool stays (thumbnails, re-embedding with any bundle). ``volume``: the series the bundle
+    embedded is kept as its HU volume (``volumes/``; recipe-independent, so any bundle can re-embed it) and the
+    spooled DICOM is deleted. ``none``: both go; reindexing re-fetches the study from ``refetch_from``.
+    """
+
+    keep: Literal["dicom", "volume", "none"] = "dicom"
+    # AET@HOST:PORT of the PACS to re-fetch from when nothing was kept (C-MOVE to the node's own AE title).
+    refetch_from: str | None = None
+
+
+class BackfillSettings(Section):
+    """``medfinder backfill``: filling the index from the archive."""
+
+    method: Literal["move", "get"] = "move"
+    # Studies per minute asked for (0 = as fast as the PACS answers); the PACS is a clinical system.
+    rate_per_min: float = Field(0.0, ge=0)
+    window: str | None = None  # "HH:MM-HH:MM": only ask inside this daily window (local time), e.g. "20:00-06:00"
+    modality: str = "CT"
+    report: bool = False  # backfilled studies are indexed but send no SR unless asked
+    calling_ae_title: AETitle = "MEDFINDER_BF"
+    dimse_timeout_s: float = Field(120.0, gt=0)
+    # A study asked for is complete when the node holds as many instances as the PACS reported (or the move's
+    # sub-operations said); after this long without progress it is retried on the next run.
+    arrival_timeout_s: float = Field(600.0, gt=0)
+
+
+class ReindexSettings(Section):
+    """``medfinder reindex``: embedding every indexed study with another bundle while the active one serves."""
+
+    # Studies embedded at a time by the reindex (beside new arrivals, which always go first).
+    batch: int = Field(8, ge=1)
+    # Keep the previous collection after a switch, for `medfinder reindex rollback` (new arrivals are embedded
+    # for it too while it is kept).
+    keep_previous: bool = True
+
+
 class UiSettings(Section):
     """The "Similar cases" pages the node serves under ``/ui`` on the REST port (server-rendered HTML)."""
 
@@ -510,6 +564,9 @@ class Settings(Section):
     index: IndexSettings = IndexSettings()
     query: QuerySettings = QuerySettings()
     api: ApiSettings = ApiSettings()
+    retention: RetentionSettings = RetentionSettings()
+    backfill: BackfillSettings = BackfillSettings()
+    reindex: ReindexSettings = ReindexSettings()
     ui: UiSettings = UiSettings()
     orthanc: OrthancSettings = OrthancSettings()
     workers: WorkerSettings = WorkerSettings()

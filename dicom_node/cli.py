@@ -1,5 +1,6 @@
-"""``medfinder serve``, ``medfinder studies``, ``medfinder deliveries``, ``medfinder token`` and ``medfinder ui
-link``: run the node, look inside it, manage the REST API's bearer tokens and hand out signed page links."""
+"""``medfinder serve``, ``medfinder studies``, ``medfinder deliveries``, ``medfinder token``, ``medfinder ui
+link`` and ``medfinder reindex``: run the node, look inside it, manage the REST API's bearer tokens, hand out
+signed page links and upgrade its model (``dicom_node.lifecycle.cli``)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"`medfinder ui link STUDY_UID --data-dir {node.layout.root}`)", flush=True)
     else:
         print("REST API off (--http-port 0)", flush=True)
+    if node.bundle_id is None:
+        print("No model bundle active yet: studies are received and stored, queries answer 503; they are embedded "
+              "as soon as a bundle is activated (medfinder bundle install --activate PATH, or medfinder bundle "
+              f"activate ID, with --data-dir {node.layout.root})", flush=True)
     while not stopping.wait(0.5):
         pass
     node.stop()
@@ -276,3 +281,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(link)
     add_data_dir(link)
     link.set_defaults(handler=cmd_ui_link)
+
+    from dicom_node.lifecycle import cli as reindex_cli
+
+    reindex_cli.register(subparsers)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from config.loader import ConfigError
 from dicom_node import cli as node_cli
+from dicom_node.backfill import cli as backfill_cli
 from dicom_node.orthanc import cli as orthanc_cli
 from model_export import cli as bundle_cli
 from trainer import cli as trainer_cli
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer_cli.register(subparsers, bundle_actions)
     node_cli.register(subparsers)
     orthanc_cli.register(subparsers)
+    backfill_cli.register(subparsers)
     return parser
 
 

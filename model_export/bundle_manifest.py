@@ -79,6 +79,14 @@ class ModelInfo(_Section):
     checkpoint: dict[str, Any] | None = None
 
 
+class DomainSpec(_Section):
+    """What a bundle was made for: DICOM modalities and body regions (model_export.domain's region names, e.g.
+    CHEST, HEAD, ABDOMEN). The node embeds only studies that match (``selection.domain_check``)."""
+
+    modalities: list[str] = ["CT"]
+    body_regions: list[str] = []  # empty = any region
+
+
 class BundleManifest(_Section):
     """A bundle's ``manifest.json``, read back (see the module docstring for what is typed and why)."""
 
@@ -91,6 +99,7 @@ class BundleManifest(_Section):
     image_encoder: ImageEncoderSpec
     text_encoder: TextEncoderSpec
     model: ModelInfo = ModelInfo()
+    domain: DomainSpec | None = None  # None (bundles made before domains): any CT is embedded
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
     created: str | None = None

@@ -27,7 +27,13 @@ from tokenizers import Tokenizer
 from config.settings import PreprocessingSettings
 from model_export.bundle_manifest import BundleManifest, verify_bundle
 from model_export.errors import BundleError, BundleInputError, BundleMismatchError
-from model_export.preprocessing import RECIPE_VERSION, load_volume, preprocess_volume
+from model_export.preprocessing import (
+    RECIPE_NAME,
+    RECIPE_VERSION,
+    SUPPORTED_RECIPE_VERSIONS,
+    load_volume,
+    preprocess_volume,
+)
 from model_export.text_cleaning import text_cleaner
 from model_export.text_windows import EmptyReportError, inference_chunks
 
@@ -39,6 +45,13 @@ TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 
 __all__ = ["ModelBundle", "TextHandling", "load_bundle", "select_providers"]
+
+#: Keys of a manifest's ``preprocessing`` that describe the recipe for people; every other key must be a
+#: ``PreprocessingSettings`` field this runtime applies (an unknown one is a step it cannot follow).
+DESCRIPTIVE_RECIPE_KEYS = frozenset({"recipe", "recipe_version", "input_shape", "dtype", "interpolation", "steps", "axes",
+                                     "dicom_assembly"})
+#: Fields that recipe version 1 does not have (fit, pad and axis order came with version 2).
+RECIPE_V2_FIELDS = frozenset({"fit", "pad_value", "axis_order"})
 
 
 @dataclass(frozen=True)
@@ -139,9 +152,19 @@ class ModelBundle:
     # ------------------------------------------------------------------ loading helpers
     @staticmethod
     def _preprocessing_spec(description: dict[str, Any]) -> PreprocessingSettings:
-        if str(description.get("recipe_version")) != RECIPE_VERSION:
+        """The manifest's recipe as settings, or an error when this runtime cannot follow it exactly."""
+        recipe, version = description.get("recipe", RECIPE_NAME), str(description.get("recipe_version"))
+        if recipe != RECIPE_NAME:
+            raise BundleMismatchError(f"bundle preprocessing recipe {recipe!r} is unknown; this runtime implements "
+                                      f"{RECIPE_NAME!r} only")
+        if version not in SUPPORTED_RECIPE_VERSIONS:
             raise BundleMismatchError(f"bundle preprocessing recipe version {description.get('recipe_version')!r}, "
-                                      f"this runtime implements {RECIPE_VERSION!r}")
+                                      f"this runtime implements {', '.join(map(repr, SUPPORTED_RECIPE_VERSIONS))}")
+        known = set(PreprocessingSettings.model_fields) - (RECIPE_V2_FIELDS if version == RECIPE_VERSION else set())
+        unknown = sorted(set(description) - known - DESCRIPTIVE_RECIPE_KEYS)
+        if unknown:
+            raise BundleMismatchError(f"bundle preprocessing (recipe {recipe!r} version {version}) has fields this "
+                                      f"runtime does not implement: {unknown}")
         fields = {name: description[name] for name in PreprocessingSettings.model_fields if name in description}
         try:
             spec = PreprocessingSettings.model_validate(fields)

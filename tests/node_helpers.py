@@ -193,3 +193,23 @@ def start_node(config: Path, port: int, log_path: Path, *args: str) -> subproces
         raise
     assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
     return process
+
+
+def write_dcmqrscp_config(path: Path, port: int, storage: Path, peers: dict[str, tuple[str, int]],
+                          quota: str = "(1000, 4096mb)") -> Path:
+    """A dcmtk dcmqrscp configuration: AE ``PACS`` serving ``storage`` read-only on ``port``, with ``peers``
+    (name -> (AE title, port) on 127.0.0.1) in its host table so that it can C-MOVE to them."""
+    hosts = "\n".join(f"{name} = ({ae_title}, 127.0.0.1, {peer_port})" for name, (ae_title, peer_port) in peers.items())
+    path.write_text(f"""NetworkTCPPort = {port}
+MaxPDUSize = 65536
+MaxAssociations = 16
+HostTable BEGIN
+{hosts}
+HostTable END
+VendorTable BEGIN
+VendorTable END
+AETable BEGIN
+PACS {storage} R {quota} ANY
+AETable END
+""", encoding="utf-8")
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pydicom
@@ -54,10 +55,13 @@ def lung_studies(lung_ct_dir: Path) -> dict[str, list[Path]]:
 
 
 def received_srs(pacs_dir: Path, prefix: str = "SR", sop_class: str = COMPREHENSIVE_3D_SR) -> list[pydicom.Dataset]:
-    """The SRs storescp has finished writing (it names them SR3.<SOPInstanceUID>; a file mid-write is skipped)."""
+    """The SRs storescp has finished writing (it names them SR3.<SOPInstanceUID>; a file mid-write is skipped:
+    one written to within the last half second, or one that does not parse)."""
     srs = []
     for path in sorted(pacs_dir.glob(f"{prefix}*")):
         try:
+            if time.time() - path.stat().st_mtime < 0.5:  # storescp may still be writing it
+                continue
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, EOFError, OSError):
             continue

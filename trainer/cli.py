@@ -1,5 +1,5 @@
 """Trainer subcommands: ``train``, ``evaluate``, ``evaluate-hybrid``, ``ablate``, ``label-bound``, ``data`` (manifest
-builders, synthetic benchmark), and the bundle-making ``export`` and ``bundle reference``."""
+builders, synthetic benchmark), and the bundle-making ``export``, ``import`` and ``bundle reference``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 from config.arguments import add_config_arguments, settings_from_args
 from trainer.evaluation.ablation import VARIANTS
 from trainer.export import cli as export_cli
+from trainer.importers import cli as importers_cli
 
 
 def register(subparsers: argparse._SubParsersAction, bundle_actions: argparse._SubParsersAction) -> None:
     """Add the trainer's subcommands; ``export`` and ``bundle reference`` come from :mod:`trainer.export.cli`."""
     export_cli.register(subparsers, bundle_actions)
+    importers_cli.register(subparsers)
     train = subparsers.add_parser("train", help="train MedFinder; writes OUT/best.pt, OUT/last.pt, OUT/metrics.jsonl")
     add_config_arguments(train)
     train.add_argument("--out", required=True, type=Path, help="run folder")

@@ -1,8 +1,10 @@
 """The ``embed_study`` task body: one :class:`~workers.handoff.EmbedRequest` -> an outcome file.
 
 It runs unchanged in a thread of the node (embedded mode) and in a Celery worker process on a GPU machine
-(distributed mode); both read the spooled study and write the outcome where the request says (the node's data
-folder, shared storage in distributed mode). The outcome — written atomically — is the worker's only output:
+(distributed mode); both read what the node kept of the study — the spooled DICOM, else the kept volume of its
+embedded series (``retention.keep: volume``, :mod:`workers.volume_store`) — and write the outcome where the request
+says (the node's data folder, shared storage in distributed mode). Only series of a body region the bundle was
+made for are embedded (``model_export.domain``; ``selection.domain_check``). The outcome — written atomically — is the worker's only output:
 the node, which owns the index and the state store, picks it up, upserts the vector and reports. Re-running a
 request rewrites the same file, so redelivered or re-dispatched tasks are harmless.
 """
@@ -16,16 +18,27 @@ import re
 import threading
 import time
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pydicom
 
 from config import Settings
-from model_export.preprocessing import VolumeError, load_dicom_series, preprocess_volume
+from model_export.bundle_manifest import BundleManifest, read_manifest
+from model_export.domain import BundleDomain, bundle_domain
+from model_export.preprocessing import Volume, VolumeError, load_dicom_series, preprocess_volume
 from model_export.registry import find_bundle
 from model_export.runtime import ModelBundle, load_bundle
 from workers.handoff import EmbedOutcome, EmbedRequest, EmbedStatus, StudyPayload, write_outcome
-from workers.series_selection import choose_series, read_first_header, summarise_series
+from workers.series_selection import SeriesSummary, choose_series, read_first_header, summarise_series
+from workers.volume_store import (
+    default_volume_folder,
+    kept_summaries,
+    load_kept_volume,
+    merge_candidates,
+    read_retention_record,
+    save_kept_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +55,7 @@ PAYLOAD_FIELDS = {
 
 _bundles: dict[str, ModelBundle] = {}
 _bundles_lock = threading.Lock()
+_manifests: dict[str, BundleManifest] = {}
 
 
 def bundle_for(settings: Settings, bundle_id: str) -> ModelBundle:
@@ -54,6 +68,23 @@ def bundle_for(settings: Settings, bundle_id: str) -> ModelBundle:
             logger.info("event=bundle_loaded bundle_id=%s providers=%s seconds=%.2f", bundle_id,
                         ",".join(_bundles[bundle_id].providers["image_encoder"]), time.perf_counter() - started)
         return _bundles[bundle_id]
+
+
+def manifest_for(settings: Settings, bundle_id: str) -> BundleManifest:
+    """The manifest of bundle ``bundle_id`` (read once per process; no ONNX session needed to route a study)."""
+    with _bundles_lock:
+        if bundle_id in _bundles:
+            return _bundles[bundle_id].manifest
+        if bundle_id not in _manifests:
+            _manifests[bundle_id] = read_manifest(find_bundle(settings, bundle_id))
+        return _manifests[bundle_id]
+
+
+def domain_for(settings: Settings, bundle_id: str) -> BundleDomain | None:
+    """The domain studies are routed by: the bundle's, unless ``selection.domain_check`` is off or it has none."""
+    if not settings.selection.domain_check:
+        return None
+    return bundle_domain(manifest_for(settings, bundle_id), settings.selection.unknown_region)
 
 
 def patient_pseudonym(key: bytes, patient_id: str, issuer: str = "") -> str:
@@ -123,20 +154,50 @@ def study_payload(header: pydicom.Dataset, key: bytes, *, bundle_id: str, versio
                         bundle_id=bundle_id, result_version=version, n_slices=n_slices, **fields)
 
 
+def nothing_kept_reason(settings: Settings, request: EmbedRequest, folder: Path) -> str:
+    """Why there is nothing to embed, and where the study can come from again."""
+    record = read_retention_record(folder)
+    what = (f"retention.keep={record.get('keep')} deleted its spooled DICOM after version {record.get('version')}"
+            if record else "no spooled instance and no kept volume")
+    source = settings.retention.refetch_from
+    where = f"re-fetch it from {source} (retention.refetch_from)" if source else \
+        "re-fetch it from the PACS (retention.refetch_from is not set) or send it again"
+    return f"nothing kept of study {request.study_uid}: {what}; {where}"
+
+
+def load_candidate(summary: SeriesSummary) -> tuple[Volume, pydicom.Dataset]:
+    """The chosen series' volume and header: decoded from the spool, or read from its kept volume."""
+    if summary.kept is not None:
+        kept = load_kept_volume(summary.kept)
+        return kept.volume, kept.header
+    return load_dicom_series(summary.folder), read_first_header(summary.folder)
+
+
 def compute_outcome(settings: Settings, request: EmbedRequest) -> EmbedOutcome:
     """Select, load, preprocess and embed; never raises for bad studies (the outcome says what went wrong)."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    choice = choose_series(summarise_series(sorted(request.study_folder.glob("*/*.dcm"))), settings.selection)
+    folder = request.volume_folder or default_volume_folder(request.study_folder)
+    spooled = summarise_series(sorted(request.study_folder.glob("*/*.dcm")))
+    candidates, notes = merge_candidates(spooled, kept_summaries(folder))
+    if not candidates:
+        return EmbedOutcome.for_request(request, EmbedStatus.FAILED, reason=nothing_kept_reason(settings, request,
+                                                                                                folder),
+                                        timings=timings)
+    choice = choose_series(candidates, settings.selection, domain_for(settings, request.bundle_id))
     timings["select_s"] = time.perf_counter() - started
-    if choice.series_uid is None:
-        return EmbedOutcome.for_request(request, EmbedStatus.NOT_EMBEDDED, reason=choice.reason,
-                                        selection=choice.as_dict(), timings=timings)
-    series_folder = request.study_folder / choice.series_uid
+    selection = {**choice.as_dict(), **({"notes": notes} if notes else {})}
+    if choice.series_uid is None or choice.summary is None:
+        reason = choice.reason
+        if read_retention_record(folder) is not None and not any(c.kept for c in candidates):
+            # later instances alone: the earlier ones were deleted with nothing kept
+            reason += f"; {nothing_kept_reason(settings, request, folder)}"
+        return EmbedOutcome.for_request(request, EmbedStatus.NOT_EMBEDDED, reason=reason,
+                                        selection=selection, timings=timings)
     try:
         bundle = bundle_for(settings, request.bundle_id)
         step = time.perf_counter()
-        volume = load_dicom_series(series_folder)
+        volume, header = load_candidate(choice.summary)
         timings["decode_s"] = time.perf_counter() - step
         step = time.perf_counter()
         array = preprocess_volume(volume, bundle.preprocessing)
@@ -144,14 +205,17 @@ def compute_outcome(settings: Settings, request: EmbedRequest) -> EmbedOutcome:
         step = time.perf_counter()
         vector = bundle.embed_volume(array)
         timings["embed_s"] = time.perf_counter() - step
-        header = read_first_header(series_folder)
     except VolumeError as error:
         return EmbedOutcome.for_request(request, EmbedStatus.FAILED, reason=f"series {choice.series_uid}: {error}",
-                                        series_uid=choice.series_uid, selection=choice.as_dict(), timings=timings)
+                                        series_uid=choice.series_uid, selection=selection, timings=timings)
+    if settings.retention.keep == "volume" and choice.summary.kept is None:
+        step = time.perf_counter()
+        save_kept_volume(folder, choice.summary, volume, header)  # the spool goes once the study is reported
+        timings["keep_volume_s"] = time.perf_counter() - step
     payload = study_payload(header, request.pseudonym_key_file.read_bytes(), bundle_id=request.bundle_id,
                             version=request.version, n_slices=int(volume.shape[2]))
     return EmbedOutcome.for_request(request, EmbedStatus.EMBEDDED, series_uid=choice.series_uid,
-                                    selection=choice.as_dict(), vector=[float(v) for v in vector], payload=payload,
+                                    selection=selection, vector=[float(v) for v in vector], payload=payload,
                                     timings=timings)
 
 

@@ -31,6 +31,9 @@ class EmbedRequest(BaseModel):
     study_folder: Path  # <spool>/<StudyUID>: one sub-folder per series
     outcome_path: Path
     pseudonym_key_file: Path  # the key of the patient pseudonyms (never sent itself)
+    # <data_dir>/volumes/<StudyUID>: kept volumes (retention.keep volume), read when the spool was deleted and
+    # written by the worker when it keeps one; None = beside the spool (workers.volume_store.default_volume_folder).
+    volume_folder: Path | None = None
 
 
 class EmbedStatus(StrEnum):

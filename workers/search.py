@@ -18,6 +18,11 @@ errors, :class:`StudyNotFoundError` (404 / zero matches) and :class:`QueryError`
   report/text vs its ``report``) reaches it, so a study found through its report is not dropped for a weak image
   score. Ranks are counted after the threshold, from ``offset + 1``.
 
+* **Bundle swap**: the engine serves one bundle and its collection at a time (:meth:`QueryEngine.swap`). Each
+  query reads that pair once when it starts, so a switch (a reindex completing, a rollback, the first bundle
+  arriving) never mixes two vector spaces in one answer; with no bundle yet every query raises
+  :class:`NoBundleError` (REST 503, C-FIND failure).
+
 Nothing here logs query text or patient data: the ``query`` echoed in a :class:`SearchResult` holds the study
 UID, the text's length (never the text), limits and filters.
 """
@@ -39,11 +44,13 @@ from model_export.keyword_queries import keyword_queries, keyword_texts
 from model_export.runtime import ModelBundle
 from workers.dicom_uids import InvalidUIDError, check_uid
 from workers.handoff import EmbedRequest, EmbedStatus
-from workers.index.base import IMAGE_VECTOR, REPORT_VECTOR, Match, SearchFilters, VectorIndex, point_id_for
+from workers.index.base import (IMAGE_VECTOR, REPORT_VECTOR, Match, SearchFilters, StoredPoint, VectorIndex,
+                                point_id_for)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QueryEngine", "QueryError", "SearchHit", "SearchResult", "StudyNotFoundError", "keyword_of"]
+__all__ = ["NoBundleError", "QueryEngine", "QueryError", "SearchHit", "SearchResult", "StudyNotFoundError",
+           "keyword_of"]
 
 MAX_TEXT_CHARS = 100_000  # far above any report; a guard against pasting a whole file
 # A finding name has none of these: sentence punctuation, brackets, digits (sizes, dates), slashes of lists.
@@ -60,6 +67,28 @@ class StudyNotFoundError(LookupError):
 
 class QueryError(ValueError):
     """The query itself is wrong (empty text, a limit out of range...); the message says what."""
+
+
+class NoBundleError(QueryError):
+    """No model bundle is active yet: the node receives and stores studies, but cannot search them.
+
+    A :class:`QueryError` so that every interface refuses the query with its message (C-FIND: a failure status);
+    the REST API answers it with 503 instead of 422, since the query itself is fine.
+    """
+
+    def __init__(self, message: str = "no model bundle active yet: the node stores what it receives and embeds "
+                                      "it once a bundle is activated (medfinder bundle activate ID)") -> None:
+        super().__init__(message)
+
+
+@dataclass
+class _Serving:
+    """The bundle and collection queries use, swapped as one object; the keyword cache belongs to the bundle."""
+
+    index: VectorIndex
+    bundle: ModelBundle
+    bundle_id: str
+    neutral_vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -139,28 +168,63 @@ class _StudyQuery:
 
 
 class QueryEngine:
-    """Similar-case search over one index and one loaded bundle; thread-safe (reads only).
+    """Similar-case search over one index and one loaded bundle at a time; thread-safe (reads only).
 
     ``request_for(study_uid)`` gives the embed request of a study held in the spool but not (yet) indexed, or
-    None; ``report_vector_for(study_uid)`` the stored report vector of a study, or None (used for a study that
-    is not indexed yet but whose report arrived first).
+    None; ``report_vector_for(study_uid, bundle_id)`` the stored report vector of a study by that bundle, or
+    None (used for a study that is not indexed yet but whose report arrived first). ``index``/``bundle`` None:
+    no bundle yet (every query raises :class:`NoBundleError` until :meth:`swap`).
     """
 
-    def __init__(self, settings: Settings, index: VectorIndex, bundle: ModelBundle, bundle_id: str, *,
-                 request_for: Callable[[str], EmbedRequest | None],
-                 report_vector_for: Callable[[str], Sequence[float] | None] | None = None) -> None:
-        if bundle.bundle_id != bundle_id:
-            raise ValueError(f"the loaded bundle is {bundle.bundle_id!r}, the index holds vectors of {bundle_id!r}")
+    def __init__(self, settings: Settings, index: VectorIndex | None, bundle: ModelBundle | None,
+                 bundle_id: str | None, *, request_for: Callable[[str], EmbedRequest | None],
+                 report_vector_for: Callable[[str, str], Sequence[float] | None] | None = None) -> None:
         self.settings = settings
-        self.index = index
-        self.bundle = bundle
-        self.bundle_id = bundle_id
+        self._serving: _Serving | None = None
+        if index is not None and bundle is not None and bundle_id is not None:
+            self.swap(index, bundle, bundle_id)
+        elif (index, bundle, bundle_id) != (None, None, None):
+            raise ValueError("give the index, the bundle and its id together (or none of them: no bundle yet)")
         self._request_for = request_for
         self._report_vector_for = report_vector_for
         context = settings.eval.keyword_context
-        # The neutral report of keyword queries is the same for every keyword: embedded once, on first use.
+        # The neutral report of keyword queries is the same for every keyword: embedded once per bundle.
         self._neutral_text = keyword_texts("finding", context)[1] if context is not None else None
-        self._neutral_vector: np.ndarray | None = None
+
+    def swap(self, index: VectorIndex, bundle: ModelBundle, bundle_id: str) -> None:
+        """Serve ``bundle`` from ``index`` from the next query on (one assignment: queries running finish on
+        the pair they started with)."""
+        if bundle.bundle_id != bundle_id:
+            raise ValueError(f"the loaded bundle is {bundle.bundle_id!r}, the index holds vectors of {bundle_id!r}")
+        self._serving = _Serving(index, bundle, bundle_id)
+
+    def _current(self) -> _Serving:
+        serving = self._serving
+        if serving is None:
+            raise NoBundleError()
+        return serving
+
+    @property
+    def ready(self) -> bool:
+        """Whether a bundle serves (False: every query raises :class:`NoBundleError`)."""
+        return self._serving is not None
+
+    @property
+    def index(self) -> VectorIndex:
+        return self._current().index
+
+    @property
+    def bundle(self) -> ModelBundle:
+        return self._current().bundle
+
+    @property
+    def bundle_id(self) -> str:
+        return self._current().bundle_id
+
+    def stored_point(self, study_uid: str) -> StoredPoint | None:
+        """The study's point in the serving collection, or None."""
+        serving = self._current()
+        return serving.index.get(point_id_for(study_uid, serving.bundle_id))
 
     # --- public API ---------------------------------------------------------------------------------------
 
@@ -168,65 +232,72 @@ class QueryEngine:
                          min_score: float | None = None, include_same_patient: bool = False) -> SearchResult:
         """The studies most similar to ``study_uid`` (never itself; not its patient's unless asked)."""
         started = time.perf_counter()
+        serving = self._current()
         study_uid = self._check_uid(study_uid)
         self._check_page(limit, offset, min_score)
         filters = self._check_filters(filters)
-        query = self._study_vectors(study_uid)
+        query = self._study_vectors(serving, study_uid)
         exclusions: dict[str, Any] = {"exclude_study_uid": study_uid}
         if not include_same_patient and query.patient_pseudonym:
             exclusions["exclude_patient"] = query.patient_pseudonym
         effective = filters.model_copy(update=exclusions)
-        ranking, hits = self._run(query.vectors, effective, limit, offset, min_score)
+        ranking, hits = self._run(serving, query.vectors, effective, limit, offset, min_score)
         echo = {"study_uid": study_uid, **self._page_echo(limit, offset, filters, min_score),
                 "include_same_patient": include_same_patient, "vectors": sorted(query.vectors),
                 "ranking": ranking, "embedded_on_the_fly": query.on_the_fly}
         logger.info("event=query kind=study study_uid=%s ranking=%s on_the_fly=%s hits=%d ms=%.1f", study_uid,
                     ranking, query.on_the_fly, len(hits), (time.perf_counter() - started) * 1000)
-        return SearchResult(kind="study", query=echo, bundle_id=self.bundle_id, hits=hits)
+        return SearchResult(kind="study", query=echo, bundle_id=serving.bundle_id, hits=hits)
 
     def search_text(self, text: str, *, limit: int, offset: int = 0, filters: SearchFilters | None = None,
                     min_score: float | None = None) -> SearchResult:
         """Studies matching a report or free text (a finding name alone: the in-context keyword query)."""
         started = time.perf_counter()
+        serving = self._current()
         if not isinstance(text, str) or not text.strip():
             raise QueryError("text must not be empty or whitespace only")
         if len(text) > MAX_TEXT_CHARS:
             raise QueryError(f"text is {len(text)} characters long, at most {MAX_TEXT_CHARS} are accepted")
         self._check_page(limit, offset, min_score)
         filters = self._check_filters(filters)
-        vector, mode = self.text_vector(text)
+        vector, mode = self._text_vector(serving, text)
         vectors = {IMAGE_VECTOR: vector}
-        if self.index.search(vector, 1, using=REPORT_VECTOR, filters=filters):  # any candidate with a report?
+        if serving.index.search(vector, 1, using=REPORT_VECTOR, filters=filters):  # any candidate with a report?
             vectors[REPORT_VECTOR] = vector
-        ranking, hits = self._run(vectors, filters, limit, offset, min_score)
+        ranking, hits = self._run(serving, vectors, filters, limit, offset, min_score)
         echo = {"text_length": len(text), "text_mode": mode, **self._page_echo(limit, offset, filters, min_score),
                 "vectors": sorted(vectors), "ranking": ranking}
         logger.info("event=query kind=text text_mode=%s ranking=%s hits=%d ms=%.1f", mode, ranking, len(hits),
                     (time.perf_counter() - started) * 1000)
-        return SearchResult(kind="text", query=echo, bundle_id=self.bundle_id, hits=hits)
+        return SearchResult(kind="text", query=echo, bundle_id=serving.bundle_id, hits=hits)
 
     def describe(self) -> dict[str, Any]:
         """What health checks and empty states show: the bundle and how many studies are indexed."""
-        model = self.bundle.manifest.model
-        return {"bundle_id": self.bundle_id, "model": model.name, "model_version": model.version,
-                "embedding_dim": self.bundle.embedding_dim, "indexed_studies": self.index.count(),
+        serving = self._current()
+        model = serving.bundle.manifest.model
+        return {"bundle_id": serving.bundle_id, "model": model.name, "model_version": model.version,
+                "embedding_dim": serving.bundle.embedding_dim, "indexed_studies": serving.index.count(),
                 "text_query_modes": ["keyword", "report"], "rrf_k": self.settings.index.rrf_k}
 
     def text_vector(self, text: str) -> tuple[list[float], Literal["keyword", "report"]]:
         """The query vector of a text and how it was made: ``keyword`` (in-context) or ``report`` (as written)."""
+        return self._text_vector(self._current(), text)
+
+    def _text_vector(self, serving: _Serving, text: str) -> tuple[list[float], Literal["keyword", "report"]]:
         keyword = keyword_of(text, self.settings.eval.keywords, self.settings.query.keyword_max_words)
         if keyword is not None:
-            vector = keyword_queries(self._embed_for_keywords, [keyword], self.settings.eval.keyword_context)[0]
+            vector = keyword_queries(lambda texts: self._embed_for_keywords(serving, texts), [keyword],
+                                     self.settings.eval.keyword_context)[0]
             return [float(v) for v in vector], "keyword"
-        return [float(v) for v in self.bundle.embed_text(text)], "report"
+        return [float(v) for v in serving.bundle.embed_text(text)], "report"
 
-    def _embed_for_keywords(self, texts: list[str]) -> np.ndarray:
+    def _embed_for_keywords(self, serving: _Serving, texts: list[str]) -> np.ndarray:
         """``embed_text`` for ``keyword_queries``, with the constant neutral report's embedding kept."""
         if self._neutral_text is None or texts != [self._neutral_text]:
-            return self.bundle.embed_text(texts)
-        if self._neutral_vector is None:
-            self._neutral_vector = self.bundle.embed_text(texts)
-        return self._neutral_vector
+            return serving.bundle.embed_text(texts)
+        if serving.neutral_vector is None:
+            serving.neutral_vector = serving.bundle.embed_text(texts)
+        return serving.neutral_vector
 
     # --- validation -------------------------------------------------------------------------------------
 
@@ -266,8 +337,8 @@ class QueryEngine:
 
     # --- the study's vectors ------------------------------------------------------------------------------
 
-    def _study_vectors(self, study_uid: str) -> _StudyQuery:
-        point = self.index.get(point_id_for(study_uid, self.bundle_id))
+    def _study_vectors(self, serving: _Serving, study_uid: str) -> _StudyQuery:
+        point = serving.index.get(point_id_for(study_uid, serving.bundle_id))
         if point is not None and point.vectors.get(IMAGE_VECTOR):
             vectors = {name: list(point.vectors[name]) for name in (IMAGE_VECTOR, REPORT_VECTOR)
                        if point.vectors.get(name)}
@@ -277,6 +348,7 @@ class QueryEngine:
             raise StudyNotFoundError(f"study {study_uid} is neither indexed nor held by this node")
         from workers.embed_study import compute_outcome  # the image pipeline, loaded when first needed
 
+        request = request.model_copy(update={"bundle_id": serving.bundle_id})  # the serving space, always
         started = time.perf_counter()
         outcome = compute_outcome(self.settings, request)
         if outcome.status != EmbedStatus.EMBEDDED or outcome.vector is None or outcome.payload is None:
@@ -285,29 +357,30 @@ class QueryEngine:
         logger.info("event=query_embedded_on_the_fly study_uid=%s seconds=%.2f", study_uid,
                     time.perf_counter() - started)
         vectors = {IMAGE_VECTOR: [float(v) for v in outcome.vector]}
-        report = self._report_vector_for(study_uid) if self._report_vector_for is not None else None
+        report = (self._report_vector_for(study_uid, serving.bundle_id) if self._report_vector_for is not None
+                  else None)
         if report is not None:
             vectors[REPORT_VECTOR] = [float(v) for v in report]
         return _StudyQuery(vectors, outcome.payload.patient_pseudonym, on_the_fly=True)
 
     # --- searching ----------------------------------------------------------------------------------------
 
-    def _run(self, vectors: Mapping[str, list[float]], filters: SearchFilters, limit: int, offset: int,
-             min_score: float | None) -> tuple[str, list[SearchHit]]:
+    def _run(self, serving: _Serving, vectors: Mapping[str, list[float]], filters: SearchFilters, limit: int,
+             offset: int, min_score: float | None) -> tuple[str, list[SearchHit]]:
         """Search one vector (cosine) or several (fused); the ranking kind and the hits ranked after offset."""
         if len(vectors) == 1:
             ((using, vector),) = vectors.items()
-            matches = self.index.search(vector, limit, using=using, filters=filters, offset=offset,
-                                        min_score=min_score)
+            matches = serving.index.search(vector, limit, using=using, filters=filters, offset=offset,
+                                           min_score=min_score)
             return "cosine", [_hit(offset + i, m) for i, m in enumerate(matches, start=1)]
         if min_score is None:
-            matches = self.index.search_fused(vectors, limit, filters=filters, offset=offset)
+            matches = serving.index.search_fused(vectors, limit, filters=filters, offset=offset)
         else:
-            matches = self._fused_above(vectors, filters, limit, offset, min_score)
+            matches = self._fused_above(serving.index, vectors, filters, limit, offset, min_score)
         return "rrf", [_hit(offset + i, m) for i, m in enumerate(matches, start=1)]
 
-    def _fused_above(self, vectors: Mapping[str, list[float]], filters: SearchFilters, limit: int, offset: int,
-                     min_score: float) -> list[Match]:
+    def _fused_above(self, index: VectorIndex, vectors: Mapping[str, list[float]], filters: SearchFilters,
+                     limit: int, offset: int, min_score: float) -> list[Match]:
         """The fused ranking with hits below ``min_score`` on every vector removed, then paged.
 
         Fetches the top of the fused ranking in growing pages until ``offset + limit`` hits pass or the ranking
@@ -318,15 +391,16 @@ class QueryEngine:
         fetch = max(2 * wanted, 20)
         kept: list[Match] = []
         for _round in range(_MAX_FETCH_ROUNDS):
-            candidates = self.index.search_fused(vectors, fetch, filters=filters)
-            kept = [m for m in candidates if self._best_cosine(m.point_id, queries) >= min_score]
+            candidates = index.search_fused(vectors, fetch, filters=filters)
+            kept = [m for m in candidates if self._best_cosine(index, m.point_id, queries) >= min_score]
             if len(kept) >= wanted or len(candidates) < fetch:
                 break
             fetch *= 4
         return kept[offset:wanted]
 
-    def _best_cosine(self, point_id: str, queries: Mapping[str, np.ndarray]) -> float:
-        point = self.index.get(point_id)
+    @staticmethod
+    def _best_cosine(index: VectorIndex, point_id: str, queries: Mapping[str, np.ndarray]) -> float:
+        point = index.get(point_id)
         if point is None:  # removed meanwhile
             return -math.inf
         scores = [float(np.dot(query, _unit(point.vectors[name]))) for name, query in queries.items()

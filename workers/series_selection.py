@@ -3,8 +3,12 @@
 A routed CT study usually holds several series: the axial reconstructions we want, but also localizers
 (scouts), dose screens, coronal/sagittal reformats and thin/thick duplicates. The rules (configurable in
 ``selection``) keep axial CT series with enough slices that are neither localizers nor dose/protocol screens,
-then prefer the one with most slices (or the thinnest). Every candidate's verdict is kept so that
-``medfinder studies`` can say why a study was not embedded.
+then prefer the one with most slices (or the thinnest). With a bundle domain (``model_export.domain``), an
+eligible series must also be of a body region the bundle was made for (``selection.domain_check``). Every
+candidate's verdict is kept so that ``medfinder studies`` can say why a study was not embedded.
+
+Candidates are the spooled series and, once retention deleted the spool, the kept volumes
+(``workers.volume_store``): a kept volume is summarised from what was recorded when it was kept.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import EnhancedCTImageStorage
 
 from config.settings import SeriesSelectionSettings
+from model_export.domain import BundleDomain, DomainVerdict, judge_domain
 
 HEADER_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ImageOrientationPatient",
-               "SliceThickness", "SOPClassUID", "NumberOfFrames", "SeriesNumber")
+               "SliceThickness", "SOPClassUID", "NumberOfFrames", "SeriesNumber", "BodyPartExamined", "ProtocolName",
+               "StudyDescription")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,15 @@ class SeriesSummary:
     sop_class_uid: str
     series_number: int | None = None
     unreadable: int = 0
+    body_part: str = ""  # BodyPartExamined, ProtocolName, StudyDescription: the body region (domain routing)
+    protocol_name: str = ""
+    study_description: str = ""
+    kept: Path | None = None  # a kept volume (``workers.volume_store``) instead of spooled DICOM
+
+    def region_fields(self) -> dict[str, str]:
+        """The header fields ``model_export.domain.find_region`` reads."""
+        return {"BodyPartExamined": self.body_part, "SeriesDescription": self.description,
+                "ProtocolName": self.protocol_name, "StudyDescription": self.study_description}
 
 
 @dataclass(frozen=True)
@@ -60,9 +75,17 @@ class SeriesChoice:
     series_uid: str | None
     reason: str
     verdicts: tuple[SeriesVerdict, ...] = field(default_factory=tuple)
+    domain: DomainVerdict | None = None  # the chosen (or refused) series against the bundle's domain
+    summary: SeriesSummary | None = None  # the chosen series
 
     def as_dict(self) -> dict[str, Any]:
-        return {"series_uid": self.series_uid, "reason": self.reason, "candidates": [asdict(v) for v in self.verdicts]}
+        data: dict[str, Any] = {"series_uid": self.series_uid, "reason": self.reason,
+                                "candidates": [asdict(v) for v in self.verdicts]}
+        if self.domain is not None:
+            data["domain"] = self.domain.as_dict()
+        if self.summary is not None and self.summary.kept is not None:
+            data["source"] = "kept volume"
+        return data
 
 
 def _tilt_degrees(orientation: Any) -> float | None:
@@ -108,18 +131,23 @@ def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
             continue
         thickness = header.get("SliceThickness")
         number = header.get("SeriesNumber")
+        text = {keyword: str(header.get(keyword, "") or "")
+                for keyword in ("SeriesDescription", "BodyPartExamined", "ProtocolName", "StudyDescription")}
         summaries.append(SeriesSummary(
             series_uid=str(header.get("SeriesInstanceUID", folder.name)),
             folder=folder,
             n_instances=frames,
             modality=str(header.get("Modality", "")),
-            description=str(header.get("SeriesDescription", "")),
+            description=text["SeriesDescription"],
             image_types=tuple(str(v).upper() for v in (header.get("ImageType") or [])),
             axial_tilt_deg=_tilt_degrees(header.get("ImageOrientationPatient")),
             slice_thickness=float(thickness) if thickness not in (None, "") else None,
             sop_class_uid=str(header.get("SOPClassUID", "")),
             series_number=int(number) if number not in (None, "") else None,
             unreadable=unreadable,
+            body_part=text["BodyPartExamined"],
+            protocol_name=text["ProtocolName"],
+            study_description=text["StudyDescription"],
         ))
     return summaries
 
@@ -152,23 +180,48 @@ def judge_series(summary: SeriesSummary, rules: SeriesSelectionSettings) -> Seri
     return verdict(True, f"axial {summary.modality}, {summary.n_instances} slices")
 
 
-def choose_series(summaries: list[SeriesSummary], rules: SeriesSelectionSettings) -> SeriesChoice:
-    """The series to embed, by the rules, with every candidate's verdict."""
-    verdicts = tuple(judge_series(s, rules) for s in summaries)
-    eligible = [s for s, v in zip(summaries, verdicts) if v.eligible]
-    if not eligible:
-        detail = "; ".join(f"series {v.series_uid[-12:]}: {v.reason}" for v in verdicts) or "the study has no series"
-        return SeriesChoice(None, f"no series qualifies for embedding ({detail})", verdicts)
-
+def _prefer(eligible: list[SeriesSummary], rules: SeriesSelectionSettings) -> tuple[list[SeriesSummary], str]:
+    """Eligible series best first, by the rules' preference, and its name."""
     def thickness(s: SeriesSummary) -> float:
         return s.slice_thickness if s.slice_thickness and s.slice_thickness > 0 else math.inf
 
     if rules.prefer == "thinnest":
-        best = min(eligible, key=lambda s: (thickness(s), -s.n_instances, s.series_uid))
-        why = "thinnest slices"
-    else:
-        best = min(eligible, key=lambda s: (-s.n_instances, thickness(s), s.series_uid))
-        why = "most slices"
-    reason = (f"series {best.series_uid} ({best.description or 'no description'}): {best.n_instances} slices; "
-              f"{why} of {len(eligible)} eligible of {len(summaries)}")
-    return SeriesChoice(best.series_uid, reason, verdicts)
+        return sorted(eligible, key=lambda s: (thickness(s), -s.n_instances, s.series_uid)), "thinnest slices"
+    return sorted(eligible, key=lambda s: (-s.n_instances, thickness(s), s.series_uid)), "most slices"
+
+
+def choose_series(summaries: list[SeriesSummary], rules: SeriesSelectionSettings,
+                  domain: BundleDomain | None = None) -> SeriesChoice:
+    """The series to embed, by the rules (and the bundle's domain when given), with every candidate's verdict.
+
+    A study whose eligible series are all of another body region is refused with the domain's sentence itself
+    (e.g. "body region HEAD (BodyPartExamined) is not one the bundle 'X' was made for (CHEST)").
+    """
+    verdicts = [judge_series(s, rules) for s in summaries]
+    eligible = [s for s, v in zip(summaries, verdicts) if v.eligible]
+    if not eligible:
+        detail = "; ".join(f"series {v.series_uid[-12:]}: {v.reason}" for v in verdicts) or "the study has no series"
+        return SeriesChoice(None, f"no series qualifies for embedding ({detail})", tuple(verdicts))
+    ranked, why = _prefer(eligible, rules)
+    judged: dict[str, DomainVerdict] = {}
+    if domain is not None:
+        judged = {s.series_uid: judge_domain(domain, s.modality, s.region_fields()) for s in ranked}
+        for k, (summary, verdict) in enumerate(zip(summaries, verdicts)):
+            if verdict.eligible and not judged[summary.series_uid].matches:
+                verdicts[k] = SeriesVerdict(summary.series_uid, False, judged[summary.series_uid].reason,
+                                            summary.n_instances, summary.description)
+        matching = [s for s in ranked if judged[s.series_uid].matches]
+        if not matching:
+            reasons = list(dict.fromkeys(judged[s.series_uid].reason for s in ranked))
+            reason = reasons[0] if len(reasons) == 1 else "; ".join(
+                f"series {s.series_uid[-12:]}: {judged[s.series_uid].reason}" for s in ranked)
+            return SeriesChoice(None, reason, tuple(verdicts), judged[ranked[0].series_uid])
+        ranked = matching
+    best = ranked[0]
+    source = "kept volume of series" if best.kept is not None else "series"
+    reason = (f"{source} {best.series_uid} ({best.description or 'no description'}): {best.n_instances} slices; "
+              f"{why} of {len(ranked)} eligible of {len(summaries)}")
+    verdict = judged.get(best.series_uid)
+    if verdict is not None:
+        reason += f"; {verdict.reason}"
+    return SeriesChoice(best.series_uid, reason, tuple(verdicts), verdict, best)

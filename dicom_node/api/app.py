@@ -16,7 +16,7 @@ from dicom_node.api.models import Health
 from dicom_node.api.services import ApiServices, Engine
 from dicom_node.api.ui import routes as ui_routes
 from workers.dicom_uids import InvalidUIDError
-from workers.search import QueryError, StudyNotFoundError
+from workers.search import NoBundleError, QueryError, StudyNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def create_app(services: ApiServices) -> FastAPI:
     app.include_router(api)
     ui_routes.install(app)
     # Safety nets: the routes map these themselves; an error that escapes one is still the client's, not a 500.
+    app.add_exception_handler(NoBundleError, _status(503))  # registered first: it is a QueryError too
     app.add_exception_handler(StudyNotFoundError, _status(404))
     app.add_exception_handler(QueryError, _status(422))
     app.add_exception_handler(InvalidUIDError, _status(422))
@@ -46,6 +47,8 @@ def create_app(services: ApiServices) -> FastAPI:
 
 
 def healthz(engine: Engine) -> JSONResponse:
+    if not engine.ready:  # alive (receiving, storing), but nothing to search with yet
+        return JSONResponse(Health(status="no_bundle").model_dump())
     try:
         described = engine.describe()
     except Exception:  # noqa: BLE001 - a health check reports, it does not raise

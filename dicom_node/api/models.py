@@ -133,6 +133,6 @@ class ReportAccepted(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "no_bundle"]  # no_bundle: alive and receiving, queries answer 503
     bundle_id: str | None = None
     indexed: int | None = None

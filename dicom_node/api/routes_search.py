@@ -18,7 +18,7 @@ from dicom_node.api.models import SearchRequest, SearchResponse, SimilarQuery
 from dicom_node.api.routes_studies import StudyUID
 from dicom_node.api.services import Audit, Engine, NodeSettings, Store
 from dicom_node.store.state import StateStore
-from workers.search import QueryError, SearchResult, StudyNotFoundError
+from workers.search import NoBundleError, QueryError, SearchResult, StudyNotFoundError
 
 router = APIRouter(tags=["search"])
 
@@ -27,6 +27,8 @@ RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
           "description": f"ranked studies; {render.DICOM_JSON} on request (QIDO-RS study objects, rank and score "
                          "in (0099,1002) US and (0099,1001) FD under private creator MEDFINDER)"},
     406: {"description": "Accept names neither application/json nor application/dicom+json"},
+    503: {"description": "no model bundle active yet (the node stores what it receives and embeds it once one "
+                         "is activated)"},
     422: {"description": "a bad parameter, filter or body (the message says which)"},
 }
 
@@ -46,6 +48,8 @@ def similar(uid: StudyUID, query: Annotated[SimilarQuery, Query()], principal: R
                                              include_same_patient=query.include_same_patient)
         except StudyNotFoundError as error:
             raise HTTPException(404, detail=str(error) or f"no study {uid} on this node") from None
+        except NoBundleError as error:
+            raise HTTPException(503, detail=str(error)) from None
         except QueryError as error:
             raise HTTPException(422, detail=str(error)) from None
         audited.results = [hit.study_uid for hit in result.hits]
@@ -64,6 +68,8 @@ def search(body: SearchRequest, principal: Reader, engine: Engine, store: Store,
         try:
             result = engine.search_text(body.text, limit=limit, offset=body.offset, filters=filters,
                                         min_score=body.min_score)
+        except NoBundleError as error:
+            raise HTTPException(503, detail=str(error)) from None
         except QueryError as error:
             raise HTTPException(422, detail=str(error)) from None
         audited.results = [hit.study_uid for hit in result.hits]

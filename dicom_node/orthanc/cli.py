@@ -60,7 +60,8 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     orthanc = subparsers.add_parser("orthanc", help="Orthanc integration: write a configuration wired to the node")
     actions = orthanc.add_subparsers(dest="action", required=True, metavar="ACTION")
-    config = actions.add_parser("config", help="write orthanc.json + the MedFinder plugin for `Orthanc DIR/orthanc.json`")
+    config = actions.add_parser("config",
+                                help="write orthanc.json + the MedFinder plugin for `Orthanc DIR/orthanc.json`")
     add_config_arguments(config)
     config.add_argument("--data-dir", help="the node's data folder (where a new token is recorded)")
     config.add_argument("--out", required=True, help="folder to write (orthanc.json, plugin, routing state, db/)")

@@ -19,15 +19,15 @@ from workers.index.base import IMAGE_VECTOR, REPORT_VECTOR
 logger = logging.getLogger(__name__)
 
 
-def index_outcome(index: VectorIndex, study: StudyRow, outcome: EmbedOutcome,
+def index_outcome(index: VectorIndex, study_uid: str, outcome: EmbedOutcome,
                   report_vector: Sequence[float] | None = None) -> tuple[str, float]:
-    """Upsert one embedded outcome (with the study's report vector when its report is known); returns the point
-    id and the seconds it took."""
+    """Upsert one embedded outcome (with the study's report vector when its report is known) into ``index``, the
+    collection of the outcome's bundle; returns the point id and the seconds it took."""
     if outcome.vector is None or outcome.payload is None:
-        raise ValueError(f"outcome v{outcome.version} of {study.study_uid} is {outcome.status} without a vector")
+        raise ValueError(f"outcome v{outcome.version} of {study_uid} is {outcome.status} without a vector")
     started = time.perf_counter()
     index.ensure_collection(outcome.bundle_id, len(outcome.vector))
-    point_id = point_id_for(study.study_uid, outcome.bundle_id)
+    point_id = point_id_for(study_uid, outcome.bundle_id)
     vectors: dict[str, Sequence[float]] = {IMAGE_VECTOR: outcome.vector}
     if report_vector is not None:
         vectors[REPORT_VECTOR] = report_vector
@@ -43,7 +43,7 @@ def collect_outcome(store: StateStore, index: VectorIndex, study: StudyRow, outc
     selection = json.dumps(outcome.selection) if outcome.selection else None
     if outcome.status == EmbedStatus.EMBEDDED:
         try:
-            point_id, seconds = index_outcome(index, study, outcome, report_vector)
+            point_id, seconds = index_outcome(index, study.study_uid, outcome, report_vector)
         except Exception as error:  # noqa: BLE001 - recorded on the study; a resend makes a new version
             logger.exception("event=index_failed study_uid=%s version=%d", study.study_uid, version)
             store.finish(study.study_uid, version, StudyState.FAILED, reason=f"indexing: {error!r}",

@@ -7,13 +7,17 @@ while its study's images are being indexed is never lost, whichever write comes 
 
 A report may come before its images: it is stored, and the pipeline's indexing step adds its vector
 (:meth:`ReportVectors.vector_for`) when it upserts the study. A new report replaces the old one and its vector.
+
+One :class:`ReportVectors` per collection the node keeps (the active bundle's and its followers', see
+``dicom_node.lifecycle``); :class:`ReportFanout` stores a report once and puts its vector into each of them.
+With no bundle yet the text is stored and embedded once a bundle is active (its start-up reconcile).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +39,19 @@ def _same_vector(stored: Sequence[float] | None, vector: Sequence[float]) -> boo
     return bool(np.allclose(np.asarray(stored, dtype=np.float64), np.asarray(vector, dtype=np.float64), atol=1e-5))
 
 
+def checked_report(study_uid: str, text: str, source: ReportSource) -> str:
+    """The study UID of a report that may be stored; :class:`~workers.search.QueryError` saying what is wrong."""
+    try:
+        study_uid = check_uid(study_uid, "StudyInstanceUID")
+    except InvalidUIDError as error:
+        raise QueryError(str(error)) from None
+    if source not in SOURCES:
+        raise ValueError(f"report source must be one of {SOURCES}, got {source!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("report text must not be empty or whitespace only")
+    return study_uid
+
+
 class ReportVectors:
     """Stores reports, embeds them with the node's bundle and writes their vectors into the index."""
 
@@ -53,14 +70,7 @@ class ReportVectors:
         Raises :class:`~workers.search.QueryError` for an empty text or an invalid study UID. If embedding
         fails the text is stored all the same (and embedded when next needed) and the error propagates.
         """
-        try:
-            study_uid = check_uid(study_uid, "StudyInstanceUID")
-        except InvalidUIDError as error:
-            raise QueryError(str(error)) from None
-        if source not in SOURCES:
-            raise ValueError(f"report source must be one of {SOURCES}, got {source!r}")
-        if not isinstance(text, str) or not text.strip():
-            raise QueryError("report text must not be empty or whitespace only")
+        study_uid = checked_report(study_uid, text, source)
         try:
             vector = [float(v) for v in self.bundle.embed_text(text)]
         except Exception:
@@ -112,3 +122,41 @@ class ReportVectors:
         if applied:
             logger.info("event=reports_reconciled indexed_with_report=%d", applied)
         return applied
+
+
+class ReportFanout:
+    """A report into every collection the node keeps: embedded and stored by the active bundle, then put on the
+    study's point in each follower collection by the follower's own bundle.
+
+    ``slots()`` gives the current :class:`ReportVectors`, active first (empty: no bundle yet, the text is
+    stored alone).
+    """
+
+    def __init__(self, reports: ReportStore, slots: Callable[[], Sequence[ReportVectors]],
+                 index_write_lock: threading.RLock) -> None:
+        self.reports = reports
+        self.slots = slots
+        self.index_write_lock = index_write_lock
+
+    def attach(self, study_uid: str, text: str, source: ReportSource, *,
+               sop_instance_uid: str | None = None) -> ReportRecord:
+        """As :meth:`ReportVectors.attach`, for every collection."""
+        with self.index_write_lock:  # one set of collections for the whole report (a switch waits)
+            slots = list(self.slots())
+            if not slots:
+                study_uid = checked_report(study_uid, text, source)
+                record = self.reports.put(study_uid, text, source, sop_instance_uid=sop_instance_uid)
+                logger.info("event=report_attached study_uid=%s source=%s chars=%d indexed=False bundle=none",
+                            study_uid, source, len(text))
+                return record
+            record = slots[0].attach(study_uid, text, source, sop_instance_uid=sop_instance_uid)
+            for follower in slots[1:]:
+                try:
+                    follower.apply(record.study_uid)
+                except Exception:  # noqa: BLE001 - the follower's sync or start-up reconcile adds it later
+                    logger.exception("event=report_follower_failed study_uid=%s bundle_id=%s", record.study_uid,
+                                     follower.bundle_id)
+            return record
+
+    def reconcile(self) -> int:
+        return sum(slot.reconcile() for slot in self.slots())

@@ -4,7 +4,8 @@ pynetdicom runs the handler (a generator) in the association's thread and sends 
 at once, then Success when the generator ends. Between responses a C-CANCEL is honoured with 0xFE00. Failures
 are answered, never raised: 0xA900 for an identifier this SCP cannot answer (the Error Comment says what, the
 Offending Element names the key), 0xC000 for a query refused (the engine's message, or patient-identity
-matching while it is off), 0xC001 when similar-case search is not available, 0xC002 for an internal error.
+matching while it is off), 0xC001 when similar-case search is not available (no model bundle active yet),
+0xC002 for an internal error.
 Logs name the AE titles, the kind of query and counts; never a value of the identifier.
 """
 
@@ -24,7 +25,7 @@ from dicom_node.query.responses import failure_status, similar_response, study_r
 from dicom_node.query.similar_find import find_similar
 from dicom_node.query.study_find import find_studies
 from dicom_node.store.state import StateStore
-from workers.search import QueryEngine, QueryError
+from workers.search import NoBundleError, QueryEngine, QueryError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class FindService:
         except IdentifierError as error:
             outcome = error.status
             yield failure_status(error.status, error.message, error.keyword), None
+        except NoBundleError as error:  # the query is fine; the node cannot search yet
+            outcome = STATUS_SEARCH_UNAVAILABLE
+            yield failure_status(STATUS_SEARCH_UNAVAILABLE, str(error)), None
         except QueryError as error:
             outcome = STATUS_QUERY_REFUSED
             yield failure_status(STATUS_QUERY_REFUSED, str(error)), None

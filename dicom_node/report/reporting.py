@@ -25,14 +25,14 @@ from dicom_node.report.companion import (
     companion_bytes,
 )
 from dicom_node.report.similar_case_sr import SimilarCase, build_similar_case_sr
-from dicom_node.report.thumbnails import ThumbnailCache, ThumbnailError, study_thumbnail
+from dicom_node.report.thumbnails import ThumbnailCache, ThumbnailError, series_image_source, study_thumbnail
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import StateStore, StudyRow
 from model_export.atomic_files import write_atomic
 from model_export.bundle_manifest import BundleManifest
 from workers.handoff import EmbedOutcome, StudyPayload
 from workers.index import SearchFilters, VectorIndex
-from workers.series_selection import read_first_header
+from workers.volume_store import series_header, volume_folder
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def _thumbnails(settings: Settings, layout: NodeLayout, store: StateStore, study
     window, size = settings.ui.thumbnail_window, settings.ui.thumbnail_size
     images: dict[str, bytes | None] = {}
     try:
-        images[study_uid] = cache.get(study_uid, series_uid, layout.study_spool(study_uid) / series_uid,
-                                      window=window, size=size)
+        source = series_image_source(layout, study_uid, series_uid)  # the spool, else the kept volume
+        images[study_uid] = None if source is None else cache.get(study_uid, series_uid, source, window=window,
+                                                                  size=size)
     except (ThumbnailError, OSError, ValueError) as error:
         logger.warning("event=thumbnail_failed study_uid=%s error=%s", study_uid, type(error).__name__)
         images[study_uid] = None
@@ -126,7 +127,8 @@ def report_study(settings: Settings, layout: NodeLayout, store: StateStore, inde
     timings["search_s"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    query_instance = read_first_header(layout.study_spool(study.study_uid) / outcome.series_uid)
+    query_instance = series_header(layout.study_spool(study.study_uid), outcome.series_uid,
+                                   volume_folder(layout.root, study.study_uid))
     model = bundle_manifest.model
     sr = build_similar_case_sr(query_instance, cases, bundle_id=outcome.bundle_id,
                                bundle_name=model.name or "MedFinder",

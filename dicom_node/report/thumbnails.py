@@ -8,7 +8,9 @@ blooming of calcium or contrast that a MIP would give). A slab thinner than one 
 The volume comes from the one shared loader (``model_export.preprocessing``: ``load_dicom_series`` then
 ``reorient_to_ras``), the same the encoder sees, and is shown in the radiological convention: patient right on
 the image's left, anterior up. Pixels keep their physical aspect (voxel spacing) and are letterboxed (black) into
-a square ``size``×``size`` PNG, so cards and table cells line up whatever the field of view.
+a square ``size``×``size`` PNG, so cards and table cells line up whatever the field of view. Once retention
+deleted the spool (``retention.keep: volume``), the same picture is drawn from the kept HU volume
+(:func:`series_image_source`): the volume is the one the loader made, so the thumbnail is identical.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from model_export.preprocessing import (
     window_to_range,
 )
 from workers.dicom_uids import InvalidUIDError, check_uid
+from workers.volume_store import KEPT_SUFFIX, kept_volume_path, load_kept_volume, volume_folder
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +79,15 @@ def render_thumbnail(series_dir: Path, *, window: Window = "lung", size: int = 1
     (model_export.preprocessing: load_dicom_series / reorient_to_ras), windowed, radiological display
     convention (patient right on image left, anterior up), aspect ratio from voxel spacing, fit into size×size.
 
+    ``series_dir`` is a spooled series folder, or a kept volume (``.npz``, workers.volume_store).
     The "middle slice" is a 10 mm slab around it (MIP for lung, mean for mediastinum; module docstring).
     """
     low, high = _window_bounds(window)
     size = _check_size(size)
+    source = Path(series_dir)
     try:
-        volume = reorient_to_ras(load_dicom_series(Path(series_dir)))
+        loaded = load_kept_volume(source).volume if source.suffix == KEPT_SUFFIX else load_dicom_series(source)
+        volume = reorient_to_ras(loaded)
     except VolumeError as exc:
         # The loader's message names files (UIDs) and reasons, never patient data; keep only its class here.
         raise ThumbnailError(f"the series cannot be loaded as a volume ({type(exc).__name__})") from exc
@@ -151,7 +157,7 @@ class ThumbnailCache:
             try:
                 drawn_from = Path(series_dir).stat().st_mtime_ns
             except FileNotFoundError as exc:
-                raise ThumbnailError("the series is no longer in the spool") from exc
+                raise ThumbnailError("the series is no longer held (spool or kept volume)") from exc
             data = render_thumbnail(Path(series_dir), window=window, size=size)
             write_atomic(cached, data)
             # Stamp the file with the folder's time *before* drawing: an instance that arrived meanwhile makes the
@@ -160,10 +166,20 @@ class ThumbnailCache:
             return data
 
 
+def series_image_source(layout: NodeLayout, study_uid: str, series_uid: str) -> Path | None:
+    """What a series' picture is drawn from: its spool folder, else its kept volume; None when the node holds
+    neither (retention.keep none, or an unknown series). UIDs are checked (ValueError)."""
+    series_dir = layout.study_spool(study_uid) / check_uid(series_uid, "SeriesInstanceUID")
+    if series_dir.is_dir():
+        return series_dir
+    kept = kept_volume_path(volume_folder(layout.root, study_uid), series_uid)
+    return kept if kept.is_file() else None
+
+
 def study_thumbnail(layout: NodeLayout, store: StateStore, cache: ThumbnailCache, study_uid: str, *,
                     window: Window, size: int) -> bytes | None:
     """the thumbnail of the study's embedded series (StateStore.study(uid).series_uid, spool folder
-    layout.study_spool(uid)/series_uid); None when the node holds no such study/series (spool gone).
+    layout.study_spool(uid)/series_uid, else its kept volume); None when the node holds no image of it.
 
     Raises :class:`ThumbnailError` when the series is there but cannot be drawn.
     """
@@ -178,7 +194,7 @@ def study_thumbnail(layout: NodeLayout, store: StateStore, cache: ThumbnailCache
         series_uid = check_uid(row.series_uid, "SeriesInstanceUID")
     except InvalidUIDError:
         return None
-    series_dir = layout.study_spool(study_uid) / series_uid
-    if not series_dir.is_dir():
+    source = series_image_source(layout, study_uid, series_uid)
+    if source is None:
         return None
-    return cache.get(study_uid, series_uid, series_dir, window=window, size=size)
+    return cache.get(study_uid, series_uid, source, window=window, size=size)

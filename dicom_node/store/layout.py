@@ -7,6 +7,7 @@ Layout::
     outcomes/<StudyUID>/v<version>.json                   what a worker made of one study version (vector or reason)
     results/<StudyUID>/<SOPInstanceUID>.dcm               Structured Reports and their PDF companions we built
     thumbnails/<StudyUID>/<SeriesUID>-<window>-<size>.png  page and companion thumbnails (a cache: safe to delete)
+    volumes/<StudyUID>/<SeriesUID>.npz (+ retention.json)  kept HU volumes (retention.keep: volume)
     index/                                                the in-process Qdrant shard (edge backend)
     reports/<StudyUID>.json (+ sr/<StudyUID>/<SOP>.dcm)   radiology reports (text, PHI; owner-only) and their SRs
     state.sqlite3                                         study, instance and delivery state

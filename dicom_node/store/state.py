@@ -18,14 +18,13 @@ concurrently.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+
+from dicom_node.store.sqlite_store import SqliteStore
 
 
 class StudyState(StrEnum):
@@ -33,6 +32,7 @@ class StudyState(StrEnum):
     QUEUED = "queued"  # handed to a worker for one result version
     INDEXED = "indexed"  # vector in the index; the SR waits for studies that completed alongside it
     REPORTED = "reported"  # indexed, SR built and deliveries created
+    BACKFILLED = "backfilled"  # indexed from the archive; no SR sent (its reports are suppressed)
     NOT_EMBEDDED = "not_embedded"  # stored, but no series qualifies (reason kept)
     FAILED = "failed"  # the worker or the indexer failed (reason kept)
 
@@ -96,6 +96,12 @@ CREATE TABLE IF NOT EXISTS study_series (
     series_uid TEXT NOT NULL,
     modality TEXT,
     PRIMARY KEY (study_uid, series_uid)
+) WITHOUT ROWID;
+-- Studies indexed without sending an SR (a backfill without --report): the pipeline checks before reporting.
+CREATE TABLE IF NOT EXISTS reports_suppressed (
+    study_uid TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    recorded_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -203,37 +209,11 @@ _ATTRIBUTE_COLUMNS = ("study_date", "study_time", "accession_number", "study_des
                       "patient_name", "patient_id", "patient_sex", "patient_birth_date", "referring_physician_name")
 
 
-class StateStore:
+class StateStore(SqliteStore):
     """Typed access to ``state.sqlite3``; safe to share between the node's threads."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, tuple(params)).fetchall()
+        super().__init__(path, SCHEMA)
 
     # --- receiving ---------------------------------------------------------------------------------
 
@@ -360,6 +340,16 @@ class StateStore:
         """Studies still receiving or being embedded (not yet in the index for their current version)."""
         rows = self._query("SELECT * FROM studies WHERE state IN (?, ?)", (StudyState.RECEIVING, StudyState.QUEUED))
         return [_study(r) for r in rows]
+
+    def suppress_reports(self, study_uids: Iterable[str], source: str, now: float | None = None) -> None:
+        """Index these studies without sending an SR (recorded before they arrive: the pipeline checks it)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO reports_suppressed (study_uid, source, recorded_at) VALUES (?, ?, ?)",
+                           [(uid, source, now) for uid in study_uids])
+
+    def reports_suppressed(self, study_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM reports_suppressed WHERE study_uid = ?", (study_uid,)))
 
     def indexed_studies(self) -> list[StudyRow]:
         rows = self._query("SELECT * FROM studies WHERE state = ? ORDER BY dispatched_at", (StudyState.INDEXED,))

@@ -10,8 +10,11 @@ from .dicom_slice import DicomSlice, read_dicom_slice
 from .geometry import axis_codes, reorient_to_ras, resample_to_spacing
 from .loaders import load_volume
 from .nifti import load_nifti, load_npy
+from .fixed_grid import center_crop_or_pad, resample_exact_spacing
 from .pipeline import (
+    RECIPE_NAME,
     RECIPE_VERSION,
+    SUPPORTED_RECIPE_VERSIONS,
     crop_to_foreground,
     describe_spec,
     preprocess_path,
@@ -31,7 +34,9 @@ from .volume import (
 )
 
 __all__ = [
+    "RECIPE_NAME",
     "RECIPE_VERSION",
+    "SUPPORTED_RECIPE_VERSIONS",
     "DicomSlice",
     "DimensionalityError",
     "MixedSeriesError",
@@ -42,6 +47,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "axis_codes",
+    "center_crop_or_pad",
     "crop_to_foreground",
     "describe_spec",
     "load_dicom_series",
@@ -52,6 +58,7 @@ __all__ = [
     "preprocess_volume",
     "read_dicom_slice",
     "reorient_to_ras",
+    "resample_exact_spacing",
     "resample_to_spacing",
     "resize_linear",
     "window_to_range",

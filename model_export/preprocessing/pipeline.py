@@ -4,6 +4,12 @@ Training and serving both call :func:`preprocess_volume` with the bundle's ``Pre
 so a model never sees arrays prepared differently from those it was trained on. Steps, in order:
 reorient to RAS -> optional resample to ``target_spacing_mm`` -> optional foreground crop -> HU window
 mapped to ``output_range`` -> resize to ``target_shape``. Deterministic (no randomness, no threads).
+
+``fit: crop_or_pad`` (imported encoders such as COLIPRI) keeps voxels at their physical size instead: resample
+to exactly ``target_spacing_mm`` (torchio's grid, :mod:`.fixed_grid`), window, then centre-crop or pad with
+``pad_value`` to ``target_shape``. ``axis_order`` says which array axis is which (``SAR``: slices first, as
+MedFinder; ``RAS``: nibabel/torchio voxel order). The defaults (``resize``, ``SAR``) are MedFinder's recipe and
+are described as recipe version 1, exactly as before these options existed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .fixed_grid import center_crop_or_pad, resample_exact_spacing
 from .geometry import reorient_to_ras, resample_to_spacing
 from .loaders import load_volume
 from .resample import resize_linear
@@ -23,7 +30,9 @@ if TYPE_CHECKING:  # settings need pydantic only; keep this module importable on
     from config.settings import PreprocessingSettings
 
 __all__ = [
+    "RECIPE_NAME",
     "RECIPE_VERSION",
+    "SUPPORTED_RECIPE_VERSIONS",
     "crop_to_foreground",
     "window_to_range",
     "preprocess_volume",
@@ -32,7 +41,13 @@ __all__ = [
 ]
 
 # Bump when the numbers produced for the same spec change, so bundles can detect a mismatch.
+RECIPE_NAME = "medfinder-ct-preprocess"
 RECIPE_VERSION = "1"
+# Version 2 adds ``fit``, ``pad_value`` and ``axis_order``; a spec using only their defaults is still written as
+# version 1 (so older runtimes keep reading MedFinder bundles), any other is version 2 (so they refuse it instead
+# of silently ignoring the fields they do not know).
+RECIPE_VERSION_FIT = "2"
+SUPPORTED_RECIPE_VERSIONS = (RECIPE_VERSION, RECIPE_VERSION_FIT)
 
 
 def crop_to_foreground(array: np.ndarray, threshold: float) -> np.ndarray:
@@ -70,7 +85,8 @@ def window_to_range(
 
 
 def preprocess_volume(volume: Volume, spec: PreprocessingSettings) -> np.ndarray:
-    """Apply the recipe; returns float32 ``(1, *spec.target_shape)`` with axes (channel, S, A, R).
+    """Apply the recipe; returns float32 ``(1, *spec.target_shape)`` with axes (channel, S, A, R), or
+    (channel, R, A, S) when ``spec.axis_order`` is ``RAS``.
 
     Refuses (:class:`TooFewSlicesError`) volumes with fewer than ``spec.min_slices`` voxels along any
     axis before resampling: for axial CT that is the slice count, and it also stops a thin slab of
@@ -82,14 +98,33 @@ def preprocess_volume(volume: Volume, spec: PreprocessingSettings) -> np.ndarray
             f"{volume.source}: volume of shape {ras.shape} (RAS) has fewer than {spec.min_slices} slices along "
             "an axis; a scout/localizer or incomplete series?"
         )
+    if spec.fit == "crop_or_pad":
+        return _crop_or_pad_recipe(ras, spec)
     if spec.target_spacing_mm is not None:
         ras = resample_to_spacing(ras, spec.target_spacing_mm)
     array = ras.array
     if spec.crop_foreground:
         array = crop_to_foreground(array, spec.foreground_threshold_hu)
     windowed = window_to_range(array, spec.hu_window, spec.output_range)
-    resized = resize_linear(windowed.transpose(2, 1, 0), spec.target_shape)
+    resized = resize_linear(_to_axis_order(windowed, spec.axis_order), spec.target_shape)
     return resized[np.newaxis]
+
+
+def _to_axis_order(ras_array: np.ndarray, axis_order: str) -> np.ndarray:
+    """A RAS-ordered ``(i, j, k)`` array as the encoder expects it: ``SAR`` (k, j, i) or ``RAS`` unchanged."""
+    return ras_array.transpose(2, 1, 0) if axis_order == "SAR" else ras_array
+
+
+def _crop_or_pad_recipe(ras: Volume, spec: PreprocessingSettings) -> np.ndarray:
+    """The ``crop_or_pad`` fit: exact spacing, optional foreground crop, window, centred crop/pad (no resize)."""
+    if spec.target_spacing_mm is not None:
+        ras = resample_exact_spacing(ras, spec.target_spacing_mm)
+    array = ras.array
+    if spec.crop_foreground:
+        array = crop_to_foreground(array, spec.foreground_threshold_hu)
+    windowed = window_to_range(array, spec.hu_window, spec.output_range)
+    fitted = center_crop_or_pad(_to_axis_order(windowed, spec.axis_order), spec.target_shape, spec.pad_value)
+    return fitted[np.newaxis]
 
 
 def preprocess_path(source: str | Path | Sequence[str | Path], spec: PreprocessingSettings) -> np.ndarray:
@@ -99,9 +134,11 @@ def preprocess_path(source: str | Path | Sequence[str | Path], spec: Preprocessi
 
 def describe_spec(spec: PreprocessingSettings) -> dict[str, Any]:
     """A JSON-able record of the recipe, stored in model bundles to check serving matches training."""
+    if spec.fit != "resize" or spec.axis_order != "SAR":
+        return _describe_fit_spec(spec)
     depth, height, width = (int(n) for n in spec.target_shape)
     return {
-        "recipe": "medfinder-ct-preprocess",
+        "recipe": RECIPE_NAME,
         "recipe_version": RECIPE_VERSION,
         "orientation": spec.orientation,
         "hu_window": [float(v) for v in spec.hu_window],
@@ -126,6 +163,53 @@ def describe_spec(spec: PreprocessingSettings) -> dict[str, Any]:
         ],
         "axes": "array[0, d, h, w] = ras[w, h, d]: d along S (inferior->superior), h along A "
         "(posterior->anterior), w along R (patient left->right); i.e. ras_array.transpose(2, 1, 0)",
+        "dicom_assembly": (
+            "slices sorted by position along the IOP normal; duplicate positions (<=0.01 mm) keep lowest "
+            "InstanceNumber; uneven spacing linearly resampled to the median gap; gantry tilt removed by "
+            "in-plane shift onto an untilted grid; HU = stored * RescaleSlope + RescaleIntercept per slice"
+        ),
+    }
+
+
+def _describe_fit_spec(spec: PreprocessingSettings) -> dict[str, Any]:
+    """Recipe version 2: the spec with its ``fit``, ``pad_value`` and ``axis_order`` (see RECIPE_VERSION_FIT)."""
+    shape = [int(n) for n in spec.target_shape]
+    crop_or_pad = spec.fit == "crop_or_pad"
+    names = "SAR" if spec.axis_order == "SAR" else "RAS"
+    return {
+        "recipe": RECIPE_NAME,
+        "recipe_version": RECIPE_VERSION_FIT,
+        "orientation": spec.orientation,
+        "hu_window": [float(v) for v in spec.hu_window],
+        "output_range": [float(v) for v in spec.output_range],
+        "target_shape": shape,
+        "input_shape": [1, *shape],
+        "dtype": "float32",
+        "target_spacing_mm": None if spec.target_spacing_mm is None else [float(v) for v in spec.target_spacing_mm],
+        "crop_foreground": bool(spec.crop_foreground),
+        "foreground_threshold_hu": float(spec.foreground_threshold_hu),
+        "min_slices": int(spec.min_slices),
+        "fit": spec.fit,
+        "pad_value": float(spec.pad_value),
+        "axis_order": spec.axis_order,
+        "interpolation": (
+            "linear, edge-clamped, no anti-aliasing; exact target spacing, floor(n * spacing / target) voxels, "
+            "grid centred on the original (torchio Resample)" if crop_or_pad else
+            "linear, separable (= trilinear), pixel-centre aligned, edge-clamped; each axis first "
+            "block-averaged by floor(shrink factor) when that is >= 2"
+        ),
+        "steps": [
+            "reorient to RAS (axis permutation/flips only)",
+            "resample to exactly target_spacing_mm (if set)" if crop_or_pad
+            else "resample to target_spacing_mm (if set)",
+            "crop to bounding box of voxels > foreground_threshold_hu (if crop_foreground; whole volume if none)",
+            "clip to hu_window, map linearly to output_range (NaN -> low end)",
+            f"axes to {names} order",
+            "centre crop or pad with pad_value to target_shape (ceil(d/2) voxels at the start, floor(d/2) at the end)"
+            if crop_or_pad else "resize to target_shape",
+        ],
+        "axes": ("array[0, d, h, w] = ras[w, h, d] (S, A, R); i.e. ras_array.transpose(2, 1, 0)" if names == "SAR"
+                 else "array[0, i, j, k] = ras[i, j, k]: i along R, j along A, k along S (nibabel/torchio order)"),
         "dicom_assembly": (
             "slices sorted by position along the IOP normal; duplicate positions (<=0.01 mm) keep lowest "
             "InstanceNumber; uneven spacing linearly resampled to the median gap; gantry tilt removed by "

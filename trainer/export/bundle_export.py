@@ -1,9 +1,10 @@
 """``medfinder export``: a training checkpoint -> a verified, parity-checked model bundle folder.
 
 Steps: rebuild the model from the checkpoint's settings, export both ONNX graphs, write the configured
-tokenizer, write the manifest (hashes, recipes, versions, training data, metrics), load the folder through
-the serving runtime on CPU and compare it with PyTorch (:mod:`trainer.export.parity`), record the figures and
-only then move the folder into place. A failed parity check leaves nothing behind and raises.
+tokenizer, write the manifest (hashes, recipes, domain from ``data.body_regions``, versions, training data,
+metrics), load the folder through the serving runtime on CPU and compare it with PyTorch
+(:mod:`trainer.export.parity`), record the figures and only then move the folder into place. A failed parity
+check leaves nothing behind and raises.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from model_export.bundle_manifest import (
     finalize_manifest,
     sha256_file,
 )
+from model_export.domain import domain_for_export
 from model_export.errors import BundleError
 from model_export.preprocessing import describe_spec
 from model_export.runtime import CPU, load_bundle
@@ -129,6 +131,8 @@ def build_manifest(model: MedFinder, state: dict[str, Any], settings: Settings, 
                          "tokenizer": TOKENIZER_FILE, "max_tokens": encoder.max_tokens,
                          "text_preprocessing": encoder.text_preprocessing, "dtype": "int64"},
         "preprocessing": spec,
+        # What the node may embed with it (model_export.domain): CT of the regions the training data shows.
+        "domain": domain_for_export(settings.data.body_regions),
         "text": {"window_words": sampler.window_words, "max_chunks": sampler.max_chunks,
                  "sampler_enabled": sampler.enabled, "text_preprocessing": encoder.text_preprocessing,
                  "max_tokens": encoder.max_tokens, "chunking": CHUNKING, "pooling": POOLING},
@@ -142,7 +146,8 @@ def build_manifest(model: MedFinder, state: dict[str, Any], settings: Settings, 
     }
 
 
-def _place(staging: Path, out: Path, force: bool) -> None:
+def place_bundle(staging: Path, out: Path, force: bool) -> None:
+    """Move a finished staging folder to ``out`` (replacing it only with ``force``): a bundle appears whole."""
     if out.exists():
         if force and out.is_dir():
             shutil.rmtree(out)
@@ -196,7 +201,7 @@ def export_bundle(
         report(f"parity: min cosine image {parity['image_encoder']['min_cosine']:.7f}, "
                f"text {parity['text_encoder']['min_cosine']:.7f}; max |diff| {parity['max_abs_diff']:.2e}")
         require_parity(parity)
-        _place(staging, out, force)
+        place_bundle(staging, out, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report(f"bundle {manifest.bundle_id} written to {out}")

@@ -102,8 +102,8 @@ def _strip_trace_metadata(program: torch.onnx.ONNXProgram) -> None:
         value.metadata_props.clear()
 
 
-def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-            output_name: str, dynamic_shapes: dict[str, dict[int, object]]) -> Path:
+def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                 output_name: str, dynamic_shapes: dict[str, dict[int, object]]) -> Path:
     module.eval()
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -131,7 +131,7 @@ def export_image_encoder(model: MedFinder, path: Path, input_shape: tuple[int, i
     example = torch.rand(2, 1, *input_shape, generator=generator)
     logger.info("exporting image encoder: input [B, 1, %s]", ", ".join(str(n) for n in input_shape))
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    return _export(ImageEmbeddingGraph(model), (example,), Path(path), [IMAGE_INPUT], IMAGE_OUTPUT,
+    return export_graph(ImageEmbeddingGraph(model), (example,), Path(path), [IMAGE_INPUT], IMAGE_OUTPUT,
                    {IMAGE_INPUT: {0: batch}})
 
 
@@ -145,5 +145,5 @@ def export_text_encoder(model: MedFinder, path: Path) -> Path:
     batch = Dim("batch", min=1, max=MAX_BATCH)
     tokens = Dim("tokens", min=2, max=int(encoder.max_tokens))  # [CLS] and [SEP] at least
     shapes = {name: {0: batch, 1: tokens} for name in TEXT_INPUTS}
-    return _export(TextEmbeddingGraph(model), (input_ids, attention_mask), Path(path), list(TEXT_INPUTS),
+    return export_graph(TextEmbeddingGraph(model), (input_ids, attention_mask), Path(path), list(TEXT_INPUTS),
                    TEXT_OUTPUT, shapes)

@@ -114,6 +114,19 @@ def check_parity(model: MedFinder, bundle: ModelBundle, settings: Settings, real
     text_cases = {"reports": compare(reference, bundle.embed_text(texts)),
                   "single_query": compare(reference[:1], bundle.embed_text(texts[0])[np.newaxis])}
 
+    result = parity_result(image_cases, text_cases, min_cosine=min_cosine, real_series=real_series, bundle=bundle,
+                           texts={"n": len(texts), "words": [len(t.split()) for t in texts],
+                                  "window_words": settings.model.sampler.window_words})
+    image, text = result["image_encoder"], result["text_encoder"]
+    logger.info("parity: image min cosine %.7f (max |diff| %.2e), text min cosine %.7f (max |diff| %.2e)",
+                image["min_cosine"], image["max_abs_diff"], text["min_cosine"], text["max_abs_diff"])
+    return result
+
+
+def parity_result(image_cases: dict[str, dict[str, Any]], text_cases: dict[str, dict[str, Any]], *,
+                  min_cosine: float, real_series: Path | str | None, bundle: Any, **details: Any) -> dict[str, Any]:
+    """The parity record a manifest keeps: per-tower summaries, the overall minimum cosine and largest
+    difference, whether it passed ``min_cosine``, and ``details`` of how the reference was made."""
     image, text = _summarise(image_cases), _summarise(text_cases)
     result = {
         "threshold_min_cosine": min_cosine,
@@ -122,13 +135,10 @@ def check_parity(model: MedFinder, bundle: ModelBundle, settings: Settings, real
         "image_encoder": image,
         "text_encoder": text,
         "real_series": None if real_series is None else Path(real_series).name,
-        "texts": {"n": len(texts), "words": [len(t.split()) for t in texts],
-                  "window_words": settings.model.sampler.window_words},
+        **details,
         "runtime": {"providers": bundle.providers},
     }
     result["passed"] = bool(result["min_cosine"] >= min_cosine)
-    logger.info("parity: image min cosine %.7f (max |diff| %.2e), text min cosine %.7f (max |diff| %.2e)",
-                image["min_cosine"], image["max_abs_diff"], text["min_cosine"], text["max_abs_diff"])
     return result
 
 

@@ -1,9 +1,10 @@
 """``medfinder bundle reference``: the demo model that makes a fresh install work end to end.
 
 It is MedFinder trained on the *synthetic* benchmark (generated findings on public CT backgrounds) with the
-``synthetic-cpu`` preset: a demonstration of the pipeline, not a clinical model. Steps, each skipped when
-already done: train and evaluate exactly as ``medfinder train --config synthetic-cpu --out DIR --evaluate``
-(a run folder holding ``best.pt`` and ``eval-test.json`` is complete), export + parity check, install into the
+``synthetic-cpu`` preset: a demonstration of the pipeline, not a clinical model. It stands for a chest CT model,
+so its manifest's ``domain`` says chest CT (``data.body_regions``, default CHEST): the node embeds no other region.
+Steps, each skipped when already done: train and evaluate exactly as
+``medfinder train --config synthetic-cpu --out DIR --evaluate`` (a run folder holding ``best.pt`` and ``eval-test.json`` is complete), export + parity check, install into the
 registry, activate. ``checkpoint=`` skips training and installs from an existing checkpoint instead.
 Deterministic by seed (the preset's ``train.seed``; its ``train.max_minutes`` cap can end training earlier on a
 slower machine).

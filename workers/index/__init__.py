@@ -8,13 +8,17 @@ The backend modules are imported on demand, so a process only loads the client l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config import Settings
 from workers.index.base import (IMAGE_VECTOR, REPORT_VECTOR, IndexMismatchError, Match, SearchFilters, StoredPoint,
                                 VectorIndex, point_id_for)
 
+if TYPE_CHECKING:
+    from workers.index.catalog import IndexCatalog
+
 __all__ = ["IMAGE_VECTOR", "REPORT_VECTOR", "IndexMismatchError", "Match", "SearchFilters", "StoredPoint",
-           "VectorIndex", "open_index", "point_id_for"]
+           "VectorIndex", "open_catalog", "open_index", "point_id_for"]
 
 
 def open_index(settings: Settings, folder: Path) -> VectorIndex:
@@ -33,3 +37,15 @@ def open_index(settings: Settings, folder: Path) -> VectorIndex:
 
     assert index.url is not None  # the settings validator requires it for this backend
     return ServerIndex(index.url, index.collection, api_key=index.api_key, settings=index)
+
+
+def open_catalog(settings: Settings, folder: Path) -> "IndexCatalog":
+    """The collections of the configured backend, one per bundle, and its active pointer (``catalog``): what the
+    node uses, so a model upgrade can fill a new collection while the active one serves."""
+    from workers.index.catalog import EdgeCatalog, ServerCatalog
+
+    index = settings.index
+    if index.backend == "edge":
+        return EdgeCatalog(folder, index)
+    assert index.url is not None  # the settings validator requires it for this backend
+    return ServerCatalog(index.url, index, api_key=index.api_key)

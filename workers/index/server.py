@@ -98,11 +98,14 @@ class ServerIndex:
     """A :class:`~workers.index.base.VectorIndex` on collection ``collection`` of a Qdrant server."""
 
     def __init__(self, url: str, collection: str, *, api_key: str | None = None,
-                 settings: IndexSettings | None = None) -> None:
+                 settings: IndexSettings | None = None, client: QdrantClient | None = None) -> None:
         self.url = url
         self.collection = collection
         self.settings = settings if settings is not None else IndexSettings()
-        self._client: QdrantClient | None = make_client(url, api_key)
+        # ``client``: one shared by several collections (workers.index.catalog: local mode locks its folder to one
+        # client, and aliases live in one client's view); closed by its owner, not by this index.
+        self._owns_client = client is None
+        self._client: QdrantClient | None = client if client is not None else make_client(url, api_key)
         # Local mode is brute force and warns about search params it cannot use: send them to servers only.
         self._server = is_server_url(url)
         self._dim: int | None = None
@@ -254,5 +257,6 @@ class ServerIndex:
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
-                self._client.close()
+                if self._owns_client:
+                    self._client.close()
                 self._client = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicom_node.api.services import ApiServices
+from dicom_node.report.thumbnails import series_image_source
 from dicom_node.store.state import StudyAttributes
 from workers.search import SearchHit, SearchResult
 
@@ -42,14 +43,15 @@ def display_date(value: str | None) -> str | None:
 
 
 def holds_image(api: ApiServices, study_uid: str) -> bool:
-    """Whether the spool still holds the study's embedded series (known before the image is asked for)."""
+    """Whether the node still holds the study's embedded series, spooled or as a kept volume (known before the
+    image is asked for)."""
     if api.layout is None or api.thumbnails is None:
         return False
     row = api.store.study(study_uid)
     if row is None or not row.series_uid:
         return False
     try:
-        return (api.layout.study_spool(study_uid) / row.series_uid).is_dir()
+        return series_image_source(api.layout, study_uid, row.series_uid) is not None
     except ValueError:
         return False
 

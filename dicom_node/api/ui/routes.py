@@ -40,8 +40,8 @@ from dicom_node.api.ui.access import (
 )
 from dicom_node.api.ui.cards import Card, result_cards, study_card
 from workers.dicom_uids import InvalidUIDError, check_uid
-from workers.index.base import IMAGE_VECTOR, point_id_for
-from workers.search import QueryError, SearchResult, StudyNotFoundError
+from workers.index.base import IMAGE_VECTOR
+from workers.search import NoBundleError, QueryError, SearchResult, StudyNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
 
 
 def _indexed(api: ApiServices) -> int:
+    if not api.engine.ready:  # no bundle yet: nothing indexed
+        return 0
     return int(api.engine.describe().get("indexed_studies") or 0)
 
 
@@ -220,6 +222,9 @@ def similar_page(request: Request, uid: str, limit: str | None = None, date_from
             return _page(request, "error.html", 404, title="Study not on this node",
                          message=f"This node does not hold study {uid} (yet). A study appears here once it has "
                                  "been sent to the node and indexed.")
+        except NoBundleError as error:
+            audited.status = 503
+            return _page(request, "error.html", 503, title="Not ready to search", message=str(error))
         except QueryError as error:
             audited.status = 422
             return _page(request, "error.html", 422, title="Cannot search", message=str(error))
@@ -249,6 +254,9 @@ def search_page(request: Request, text: Annotated[str, Form(max_length=100_000)]
     with api.audit.record(who.name, who.client, "search", parameters) as audited:
         try:
             result = api.engine.search_text(text, limit=chosen, filters=filters.search_filters())
+        except NoBundleError as error:
+            audited.status = 503
+            return _page(request, "error.html", 503, title="Not ready to search", message=str(error))
         except QueryError as error:
             audited.status = 422
             return _page(request, "error.html", 422, title="Cannot search", message=str(error))
@@ -287,7 +295,7 @@ def _results(request: Request, api: ApiServices, who: Viewer, result: SearchResu
 
 def _body_part_of(api: ApiServices, uid: str) -> str | None:
     """The query study's BodyPartExamined as indexed (its payload), when it is indexed."""
-    point = api.engine.index.get(point_id_for(uid, api.engine.bundle_id))
+    point = api.engine.stored_point(uid)
     if point is None or not point.vectors.get(IMAGE_VECTOR):
         return None
     value = point.payload.get("body_part")
