@@ -297,12 +297,36 @@ class AllowedSource(Section):
         return cls(ae_title=ae_title, host=host or None, port=int(port) if port else None)
 
 
+class TlsSettings(Section):
+    """DICOM TLS (PS3.15 BCP 195) for the SCP, the delivery SCU and the REST API: PEM files; TLS 1.2 or newer.
+
+    With ``ca_file`` the SCP requires client certificates signed by that CA (mutual TLS), and the SCU checks
+    destinations' certificates against it. Off while ``cert_file`` is None.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "TlsSettings":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("node.tls needs both cert_file and key_file (or neither)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 class Destination(Section):
-    """A DICOM peer that receives our Structured Reports by C-STORE."""
+    """A DICOM peer that receives our Structured Reports by C-STORE (over TLS when ``tls``)."""
 
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
 
 
     @classmethod
@@ -361,6 +385,7 @@ class NodeSettings(Section):
     delivery_backoff_s: float = Field(2.0, ge=0)  # doubles after each failed attempt
     delivery_timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.2, gt=0)
+    tls: TlsSettings = TlsSettings()
 
 
     def quiet_seconds_for(self, calling_ae: str | None) -> float:
@@ -445,6 +470,10 @@ class ApiSettings(Section):
 
     http_port: int = Field(8080, ge=0, le=65535)  # 0 = off
     http_bind: str = "127.0.0.1"
+    # HTTPS with node.tls's certificate and key (and client certificates when node.tls.ca_file is set).
+    https: bool = False
+    # GET /metrics (Prometheus): "open" (counts only, no PHI), "token" (a read token), or "off".
+    metrics: Literal["open", "token", "off"] = "open"
 
 
 class WorkerSettings(Section):

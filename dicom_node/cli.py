@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,9 @@ def node_settings(args: argparse.Namespace) -> Settings:
         node["destinations"] = [d.model_dump() for d in args.destination]
     data = settings.model_dump(mode="json")
     data["node"].update(node)
+    for flag, field in (("tls_cert", "cert_file"), ("tls_key", "key_file"), ("tls_ca", "ca_file")):
+        if getattr(args, flag, None):
+            data["node"]["tls"][field] = getattr(args, flag)
     if getattr(args, "http_port", None) is not None:
         data["api"]["http_port"] = args.http_port
     if getattr(args, "http_bind", None):
@@ -65,8 +69,21 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 # pynetdicom logs every C-STORE at INFO and dumps whole datasets (names, ids) at DEBUG; highdicom narrates
-# every copied module. Our own event= lines say what an operator needs, without PHI.
+# every copied module; pydicom's warnings about malformed values quote those values. Our own event= lines say what
+# an operator needs, without PHI.
 CHATTY_LOGGERS = ("pynetdicom", "highdicom")
+QUOTING_LOGGERS = ("pydicom",)  # errors only
+
+
+def _tls_problem(settings: Settings) -> str | None:
+    """Why the TLS settings cannot work (checked before anything listens), or None."""
+    tls = settings.node.tls
+    if settings.api.https and settings.api.http_port and not tls.enabled:
+        return "api.https needs node.tls.cert_file and node.tls.key_file (--tls-cert, --tls-key)"
+    for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("ca_file", tls.ca_file)):
+        if path and not os.path.isfile(path):
+            return f"node.tls.{name}: no such file: {path}"
+    return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,9 +94,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in QUOTING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     from workers.index import IndexMismatchError
 
     settings = node_settings(args)
+    problem = _tls_problem(settings)
+    if problem:
+        print(f"medfinder serve: {problem}", file=sys.stderr)
+        return 2
     try:
         node = Node(settings)
     except (BundleError, IndexMismatchError) as error:
@@ -98,9 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.stop()
         print(f"medfinder serve: {error.strerror or error}", file=sys.stderr)
         return 2
+    tls = settings.node.tls
+    tls_options = "" if not tls.enabled else (
+        f" +tls CLIENT_KEY CLIENT_CERT +cf {tls.ca_file}" if tls.ca_file else " +tla +cf ISSUER_OF_OUR_CERT")
     print(f"MedFinder node listening: AE title {settings.node.ae_title} on {settings.node.bind}:{node.scp.port} "
-          f"({settings.workers.mode} mode, data in {node.layout.root}). Try: echoscu -aec {settings.node.ae_title} "
-          f"127.0.0.1 {node.scp.port}", flush=True)
+          f"{'over TLS ' if tls.enabled else ''}({settings.workers.mode} mode, data in {node.layout.root}). "
+          f"Try: echoscu{tls_options} -aec {settings.node.ae_title} 127.0.0.1 {node.scp.port}", flush=True)
     if node.http is not None:
         print(f"REST API listening: {node.http.url}/api/v1 (OpenAPI at {node.http.url}/docs; tokens: medfinder "
               f"token create --scope read --name NAME --data-dir {node.layout.root})", flush=True)
@@ -217,7 +243,8 @@ def cmd_ui_link(args: argparse.Namespace) -> int:
         return 2
     host = settings.api.http_bind
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is no address to browse to
-    base_url = args.base_url or f"http://{f'[{host}]' if ':' in host else host}:{settings.api.http_port}"
+    scheme = "https" if settings.api.https else "http"
+    base_url = args.base_url or f"{scheme}://{f'[{host}]' if ':' in host else host}:{settings.api.http_port}"
     key = load_or_create_key(ui_key_path(settings.paths.data_dir))
     print(signed_link(key, base_url, study_uid, ttl), flush=True)
     return 0
@@ -240,6 +267,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="embedded (default): all in this process; distributed: Celery workers via Redis")
     serve.add_argument("--http-port", type=int, help="REST API port (default 8080; 0 = off)")
     serve.add_argument("--http-bind", help="REST API address (default 127.0.0.1)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="DICOM TLS: our certificate (PEM; node.tls.cert_file); "
+                                                          "the REST API uses it too with --set api.https=true")
+    serve.add_argument("--tls-key", metavar="FILE", help="DICOM TLS: our private key (PEM, unencrypted)")
+    serve.add_argument("--tls-ca", metavar="FILE", help="DICOM TLS: CA certificates (PEM); clients must present a "
+                                                        "certificate they signed, TLS destinations are checked "
+                                                        "against them")
     serve.set_defaults(handler=cmd_serve)
 
     studies = subparsers.add_parser("studies", help="list received studies, their state and result deliveries")

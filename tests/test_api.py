@@ -76,9 +76,12 @@ class ServedNode:
 
 
 def _all_indexed(base: str, token: str, uids: set[str]) -> bool:
+    """Every study of ``uids`` indexed and reported."""
     response = httpx.get(f"{base}/studies", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     states = {s["study_instance_uid"]: s["state"] for s in response.json()["studies"]}
-    return set(states) >= uids and all(states[u] in DONE_STATES for u in uids)
+    # "reported" is final here (no destination: the SR is written, nothing queued); waiting for it keeps the
+    # state from changing between two requests of one test
+    return set(states) >= uids and all(states[u] == "reported" for u in uids)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """docker-compose.yml against the Compose specification, with Debian's ``docker-compose config`` (it validates
 and renders without a Docker engine; none runs on these machines), and the deployment's promises checked on the
-rendered file: redis, the node and a GPU worker sharing one data volume at one path."""
+rendered file: redis, the node and a GPU worker sharing one data volume at one path, the Qdrant server the node
+indexes into, Orthanc in its profile; every long-running service with a healthcheck and a pinned image."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.loader import load_settings
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,7 +21,7 @@ def compose_config(path: Path) -> subprocess.CompletedProcess:
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose missing: run `make setup` (Debian package docker-compose)")
     return subprocess.run(["docker-compose", "-f", str(path), "config"], capture_output=True, text=True, timeout=60,
-                          cwd=path.parent)
+                          cwd=path.parent, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,60 @@ def test_orthanc_service_is_pinned_and_wired_to_the_node(rendered: dict) -> None
     published = [p if isinstance(p, str) else f"{p.get('host_ip')}:{p.get('published')}:{p.get('target')}"
                  for p in orthanc["ports"]]
     assert any(p.startswith("127.0.0.1:") and p.split("/")[0].endswith(":8042") for p in published), published
+
+
+LONG_RUNNING = ("redis", "qdrant", "node", "worker", "orthanc")
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in tag.lstrip("v").split("."))
+
+
+def test_every_image_is_pinned_and_every_service_has_a_healthcheck(rendered: dict) -> None:
+    """A deployment that can be reproduced and supervised: exact image tags (no ``latest``, no bare major), and a
+    healthcheck with a real command on each long-running service."""
+    services = rendered["services"]
+    assert set(LONG_RUNNING) <= set(services)
+    for name, service in services.items():
+        if "image" in service:
+            tag = service["image"].partition(":")[2]
+            assert tag and tag != "latest" and tag.count(".") >= 2, f"{name}: {service['image']} is not pinned"
+    for name in LONG_RUNNING:
+        check = services[name].get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
+        assert {"interval", "timeout", "retries"} <= set(check), name
+    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
+    assert any("/api/v1/healthz" in part for part in services["node"]["healthcheck"]["test"])
+    assert any("inspect ping" in part for part in services["worker"]["healthcheck"]["test"])
+    assert any("/readyz" in part for part in services["qdrant"]["healthcheck"]["test"])
+
+
+def test_the_node_indexes_into_the_qdrant_server(rendered: dict) -> None:
+    """The full deployment: qdrant/qdrant pinned at 1.16.3 or later (data-loss fixes), storage on its own volume,
+    the node's index settings pointing at it, and the node starting only once redis and qdrant are healthy."""
+    services = rendered["services"]
+    qdrant, node = services["qdrant"], services["node"]
+    image, _, tag = qdrant["image"].partition(":")
+    assert image == "qdrant/qdrant" and _version(tag) >= (1, 16, 3), qdrant["image"]
+    targets = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in qdrant["volumes"]}
+    assert "/qdrant/storage" in targets
+    assert "qdrant-storage" in rendered["volumes"]
+    environment = node["environment"]
+    assert environment["MEDFINDER__INDEX__BACKEND"] == "qdrant"
+    assert environment["MEDFINDER__INDEX__URL"] == "http://qdrant:6333"
+    assert node["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                  "qdrant": {"condition": "service_healthy"}}
+    assert services["worker"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert services["orthanc"]["depends_on"]["node"] == {"condition": "service_healthy"}
+    assert "MEDFINDER__INDEX__BACKEND" not in services["worker"]["environment"], "workers never open the index"
+
+
+def test_the_deploy_config_is_valid_settings(rendered: dict) -> None:
+    """config/deploy/node.yaml with the compose environment on top loads as this version's settings, for the
+    node and for the workers (as the containers load them)."""
+    config = REPO / "config" / "deploy" / "node.yaml"
+    for name in ("node", "worker"):
+        environ = {k: str(v) for k, v in rendered["services"][name]["environment"].items()}
+        settings = load_settings(config, environ=environ)
+        assert settings.index.backend == "qdrant" and settings.index.url == "http://qdrant:6333", name
+        assert settings.workers.mode == "distributed" and settings.paths.data_dir.as_posix().startswith("/data/")

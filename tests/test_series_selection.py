@@ -26,13 +26,13 @@ def test_each_rule_refuses_with_its_reason() -> None:
         "not axial": replace(AXIAL, axial_tilt_deg=90.0, description="COR MPR"),
         "only 12 slice(s)": replace(AXIAL, n_instances=12),
         "modality PT": replace(AXIAL, modality="PT"),
-        "Enhanced CT": replace(AXIAL, sop_class_uid=EnhancedCTImageStorage),
         "no usable ImageOrientationPatient": replace(AXIAL, axial_tilt_deg=None),
     }
     for expected, summary in cases.items():
         verdict = judge_series(summary, RULES)
         assert not verdict.eligible and expected in verdict.reason, (expected, verdict.reason)
     assert judge_series(AXIAL, RULES).eligible
+    assert judge_series(replace(AXIAL, sop_class_uid=EnhancedCTImageStorage), RULES).eligible, "frames are slices"
     assert judge_series(replace(AXIAL, axial_tilt_deg=20.0), RULES).eligible, "gantry tilt is still axial"
 
 

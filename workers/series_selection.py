@@ -9,6 +9,9 @@ candidate's verdict is kept so that ``medfinder studies`` can say why a study wa
 
 Candidates are the spooled series and, once retention deleted the spool, the kept volumes
 (``workers.volume_store``): a kept volume is summarised from what was recorded when it was kept.
+
+A multi-frame series (Enhanced CT) is judged like any other: its frames count as slices, and its orientation and
+slice thickness come from the functional groups (shared, else the first frame's) since they are not top-level.
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import EnhancedCTImageStorage
 
 from config.settings import SeriesSelectionSettings
 from model_export.domain import BundleDomain, DomainVerdict, judge_domain
 
 HEADER_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ImageOrientationPatient",
                "SliceThickness", "SOPClassUID", "NumberOfFrames", "SeriesNumber", "BodyPartExamined", "ProtocolName",
-               "StudyDescription")
+               "StudyDescription", "SharedFunctionalGroupsSequence")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,31 @@ def _tilt_degrees(orientation: Any) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
 
 
+def _functional_group_value(path: Path, header: pydicom.Dataset, sequence: str, keyword: str) -> Any:
+    """A multi-frame object's value from its shared functional groups, else its first frame's (read on demand:
+    the per-frame sequence is as long as the frames are many)."""
+    shared = header.get("SharedFunctionalGroupsSequence") or []
+    items = shared[0].get(sequence) if shared else None
+    if items and keyword in items[0]:
+        return items[0].get(keyword)
+    try:
+        per_frame = pydicom.dcmread(path, stop_before_pixels=True,
+                                    specific_tags=["PerFrameFunctionalGroupsSequence"]).get(
+                                        "PerFrameFunctionalGroupsSequence") or []
+    except (InvalidDicomError, OSError, ValueError):
+        return None
+    items = per_frame[0].get(sequence) if per_frame else None
+    return items[0].get(keyword) if items and keyword in items[0] else None
+
+
+def _geometry(path: Path, header: pydicom.Dataset) -> tuple[Any, Any]:
+    """ImageOrientationPatient and SliceThickness: top-level for single-frame, functional groups for multi-frame."""
+    if int(header.get("NumberOfFrames", 1) or 1) > 1 and "ImageOrientationPatient" not in header:
+        return (_functional_group_value(path, header, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                _functional_group_value(path, header, "PixelMeasuresSequence", "SliceThickness"))
+    return header.get("ImageOrientationPatient"), header.get("SliceThickness")
+
+
 def read_first_header(series_folder: Path) -> pydicom.Dataset:
     """The header (no pixel data) of a spooled series' first instance by file name: the series' attributes."""
     first = min(series_folder.glob("*.dcm"), default=None)
@@ -117,19 +144,20 @@ def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
         by_folder[Path(path).parent].append(Path(path))
     summaries = []
     for folder, paths in sorted(by_folder.items()):
-        header, unreadable, frames = None, 0, 0
+        header, header_path, unreadable, frames = None, None, 0, 0
         for path in sorted(paths):
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
             except (InvalidDicomError, OSError, ValueError):  # spooled files were validated: rare
                 unreadable += 1
                 continue
-            header = header or ds
+            if header is None:
+                header, header_path = ds, path
             frames += int(ds.get("NumberOfFrames", 1) or 1)
-        if header is None:
+        if header is None or header_path is None:
             summaries.append(SeriesSummary(folder.name, folder, 0, "", "", (), None, None, "", None, unreadable))
             continue
-        thickness = header.get("SliceThickness")
+        orientation, thickness = _geometry(header_path, header)
         number = header.get("SeriesNumber")
         text = {keyword: str(header.get(keyword, "") or "")
                 for keyword in ("SeriesDescription", "BodyPartExamined", "ProtocolName", "StudyDescription")}
@@ -140,7 +168,7 @@ def summarise_series(files: Iterable[Path]) -> list[SeriesSummary]:
             modality=str(header.get("Modality", "")),
             description=text["SeriesDescription"],
             image_types=tuple(str(v).upper() for v in (header.get("ImageType") or [])),
-            axial_tilt_deg=_tilt_degrees(header.get("ImageOrientationPatient")),
+            axial_tilt_deg=_tilt_degrees(orientation),
             slice_thickness=float(thickness) if thickness not in (None, "") else None,
             sop_class_uid=str(header.get("SOPClassUID", "")),
             series_number=int(number) if number not in (None, "") else None,
@@ -161,8 +189,6 @@ def judge_series(summary: SeriesSummary, rules: SeriesSelectionSettings) -> Seri
         return verdict(False, f"no readable instance ({summary.unreadable} unreadable)")
     if summary.modality not in rules.modalities:
         return verdict(False, f"modality {summary.modality or '(none)'} is not one of {', '.join(rules.modalities)}")
-    if summary.sop_class_uid == EnhancedCTImageStorage:
-        return verdict(False, "Enhanced CT (multi-frame) is stored but not embedded yet")
     excluded_types = [t for t in rules.excluded_image_types if t.upper() in summary.image_types]
     if excluded_types:
         return verdict(False, f"image type {'/'.join(summary.image_types)} marks a {excluded_types[0].lower()}")

@@ -8,9 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from dicom_node.api import routes_reports, routes_search, routes_studies
+from dicom_node.api import routes_metrics, routes_reports, routes_search, routes_studies
 from dicom_node.api.docs import add_offline_docs
 from dicom_node.api.models import Health
 from dicom_node.api.services import ApiServices, Engine
@@ -38,11 +39,13 @@ def create_app(services: ApiServices) -> FastAPI:
                       summary="Liveness, the active bundle and how many studies are indexed (no token)")
     app.include_router(api)
     ui_routes.install(app)
+    routes_metrics.install(app)  # GET /metrics (api.metrics) and the REST/page query timing
     # Safety nets: the routes map these themselves; an error that escapes one is still the client's, not a 500.
     app.add_exception_handler(NoBundleError, _status(503))  # registered first: it is a QueryError too
     app.add_exception_handler(StudyNotFoundError, _status(404))
     app.add_exception_handler(QueryError, _status(422))
     app.add_exception_handler(InvalidUIDError, _status(422))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
 
 
@@ -56,6 +59,15 @@ def healthz(engine: Engine) -> JSONResponse:
         return JSONResponse(Health(status="degraded").model_dump(), status_code=503)
     return JSONResponse(Health(status="ok", bundle_id=described.get("bundle_id"),
                                indexed=described.get("indexed_studies")).model_dump())
+
+
+async def _invalid_request(_request: Request, error: Exception) -> JSONResponse:
+    """422 without echoing the input: FastAPI's own handler does, and an input JSON cannot carry (a float
+    overflowing to inf) turned a malformed body into a 500; a request's text may also hold patient data."""
+    errors = error.errors() if isinstance(error, RequestValidationError) else []
+    detail = [{"type": str(item.get("type", "")), "loc": [str(part) for part in item.get("loc", ())],
+               "msg": str(item.get("msg", ""))} for item in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _status(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:

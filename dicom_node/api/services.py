@@ -14,6 +14,7 @@ from config import Settings
 from dicom_node.api.audit import AuditLog
 from dicom_node.api.orthanc_links import OrthancLinks
 from dicom_node.api.tokens import TokenStore
+from dicom_node.metrics import CollectionsProbe
 from dicom_node.report.thumbnails import ThumbnailCache
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.reports import ReportStore
@@ -38,6 +39,7 @@ class ApiServices:
     reports: ReportStore | None = None
     thumbnails: ThumbnailCache | None = None
     orthanc: OrthancLinks | None = None  # None when orthanc.url is not set
+    collections: CollectionsProbe | None = None  # every collection kept, for /metrics (None: the engine's)
 
     def data_dir(self) -> Path:
         return self.layout.root if self.layout is not None else Path(self.settings.paths.data_dir)

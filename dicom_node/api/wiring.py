@@ -10,7 +10,9 @@ from dicom_node.api.orthanc_links import OrthancLinks
 from dicom_node.api.server import ApiServer
 from dicom_node.api.services import ApiServices
 from dicom_node.api.tokens import TokenStore, tokens_path
+from dicom_node.metrics import node_collections
 from dicom_node.report.thumbnails import ThumbnailCache
+from dicom_node.tls import server_context
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -26,7 +28,9 @@ def start_api(node: Node) -> ApiServer | None:
                            audit=AuditLog(audit_path(node.layout.root)), settings=settings,
                            layout=node.layout, reports=node.reports,
                            thumbnails=ThumbnailCache(node.layout.thumbnails),
-                           orthanc=OrthancLinks(settings.orthanc) if settings.orthanc.url else None)
-    server = ApiServer(create_app(services), settings.api.http_bind, settings.api.http_port)
+                           orthanc=OrthancLinks(settings.orthanc) if settings.orthanc.url else None,
+                           collections=lambda: node_collections(node))
+    server = ApiServer(create_app(services), settings.api.http_bind, settings.api.http_port,
+                       tls=server_context(settings.node.tls) if settings.api.https else None)
     server.start()
     return server

@@ -9,11 +9,16 @@ One association per send, proposing only the SR's own SOP class (picky PACS refu
 propose everything) with Explicit and Implicit VR Little Endian. The file is sent byte for byte when the
 peer accepts its transfer syntax, else re-encoded to the accepted one. Warning statuses (0xB000 coercion,
 0xB006 elements discarded, 0xB007 data set does not match SOP class) mean the PACS stored it: delivered.
+
+Destinations with ``tls: true`` are reached over TLS (BCP 195, :func:`dicom_node.tls.client_context`): their
+certificate is checked against ``node.tls.ca_file`` and must name the configured host (DNS name or IP address);
+ours is presented for peers that require client certificates. A TLS failure is a failed attempt (retried).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from pynetdicom import AE
 
 from config import Settings
 from dicom_node.store.state import DeliveryRow, DeliveryState, StateStore
+from dicom_node.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +51,10 @@ class SendResult:
     error: str | None = None
 
 
-def send_file(path: Path, calling_ae: str, ae_title: str, host: str, port: int, timeout_s: float) -> SendResult:
-    """C-STORE one DICOM file to ``ae_title@host:port``; never raises for network or peer failures."""
+def send_file(path: Path, calling_ae: str, ae_title: str, host: str, port: int, timeout_s: float,
+              tls: ssl.SSLContext | None = None) -> SendResult:
+    """C-STORE one DICOM file to ``ae_title@host:port`` (over TLS with ``tls``, the peer checked as ``host``);
+    never raises for network or peer failures."""
     path = Path(path)
     try:
         meta = read_file_meta_info(path)
@@ -58,9 +66,10 @@ def send_file(path: Path, calling_ae: str, ae_title: str, host: str, port: int, 
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
-    assoc = ae.associate(host, int(port), ae_title=ae_title)
+    assoc = ae.associate(host, int(port), ae_title=ae_title, tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted the association"
+        why += " (TLS: see the log for a handshake error)" if tls is not None and not assoc.is_rejected else ""
         return SendResult(False, "no-association", f"{ae_title}@{host}:{port} {why}")
     try:
         contexts = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
@@ -101,6 +110,17 @@ class DeliveryWorker:
     def __init__(self, settings: Settings, store: StateStore) -> None:
         self.settings = settings
         self.store = store
+        # A row keeps the peer's address only: whether it speaks TLS is read from the configured destinations
+        self._tls_peers = {(d.ae_title, d.host, d.port) for d in settings.node.destinations if d.tls}
+        self._tls_context: ssl.SSLContext | None = None
+
+    def _tls_for(self, row: DeliveryRow) -> ssl.SSLContext | None:
+        """The client TLS context when ``row`` goes to a ``tls: true`` destination (built once, on first use)."""
+        if (row.ae_title, row.host, row.port) not in self._tls_peers:
+            return None
+        if self._tls_context is None:
+            self._tls_context = client_context(self.settings.node.tls)
+        return self._tls_context
 
     def _send(self, row: DeliveryRow) -> SendResult:
         path = Path(row.path)
@@ -108,7 +128,8 @@ class DeliveryWorker:
             return SendResult(False, "bad-file", f"result file {path} is missing")
         node = self.settings.node
         try:
-            return send_file(path, node.ae_title, row.ae_title, row.host, row.port, node.delivery_timeout_s)
+            return send_file(path, node.ae_title, row.ae_title, row.host, row.port, node.delivery_timeout_s,
+                             tls=self._tls_for(row))
         except Exception as error:  # noqa: BLE001 - recorded as a failed attempt, so retries stay bounded
             logger.exception("event=delivery_error delivery_id=%d", row.id)
             return SendResult(False, "error", f"{type(error).__name__}: {error}")

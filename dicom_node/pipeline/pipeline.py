@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config import Settings
+from dicom_node.metrics import observe_embed
 from dicom_node.pipeline.batching import batch_mates_pending
 from dicom_node.pipeline.indexing import collect_outcome
 from dicom_node.pipeline.retention import apply_retention
@@ -125,6 +126,7 @@ class Pipeline:
                     report = (self._report_vector(active, study.study_uid) if outcome.status == EmbedStatus.EMBEDDED
                               else None)
                     seconds = collect_outcome(self.store, active.index, study, outcome, report)
+                observe_embed(outcome)  # metrics: the worker's timings, once per collected outcome
                 if seconds is not None:
                     self._index_seconds[(study.study_uid, study.version)] = seconds
             elif study.dispatched_at is None or now - study.dispatched_at > self.settings.workers.redispatch_after_s:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 
 from config.settings import QuerySettings, Settings
+from dicom_node.metrics import observe_query
 from dicom_node.query.identifier import parse_similar_query, parse_study_query
 from dicom_node.query.matching import IdentifierError
 from dicom_node.query.responses import failure_status, similar_response, study_response
@@ -98,6 +99,8 @@ class FindService:
                          type(error).__name__, exc_info=logger.isEnabledFor(logging.DEBUG))
             yield failure_status(STATUS_INTERNAL_ERROR, "internal error; see the node's log"), None
         finally:
+            observe_query("cfind", "similar" if similar else "studies", time.perf_counter() - started,
+                          ok=outcome == 0x0000)  # metrics
             logger.info("event=cfind called_ae=%s calling_ae=%s kind=%s matches=%d status=0x%04X ms=%.1f", called,
                         calling, kind, sent, outcome, (time.perf_counter() - started) * 1000)
 

@@ -9,14 +9,20 @@ Status codes (PS3.4 B.2.3 / GG.4; the C-STORE response carries the code and an E
 
 * ``0x0000`` success; also for a re-sent instance (nothing rewritten, nothing re-triggered) and for an
   ignored storage class (``node.other_storage: ignore``).
-* ``0xA700`` *Refused: Out of Resources*: the spool's disk is below ``node.min_free_disk_mb`` or a write
-  failed. The object is not quarantined (no room, and the sender still has it): a PACS retries this status.
+* ``0xA700`` *Refused: Out of Resources*, only for a genuine shortage: the spool's disk is below
+  ``node.min_free_disk_mb`` or a write to it failed. The object is not quarantined (no room, and the sender
+  still has it): a PACS retries this status, and a retry can succeed once space returns.
 * ``0xA900`` *Error: Data Set does not match SOP Class*: the dataset's SOP Class UID differs from the
   command's (quarantined).
 * ``0xC0xx`` *Error: Cannot understand* (quarantined; retrying the same object cannot succeed):
   ``0xC001`` not DICOM, unparseable or truncated (incl. Pixel Data shorter than declared or missing);
   ``0xC002`` Study/Series/SOP Instance UID empty or invalid (they name the spool's folders and files);
   ``0xC003`` the dataset's SOP Instance UID differs from the command's.
+* ``0x0110`` *Processing failure*: handling failed in a way no rule foresaw (a bug); quarantined when the
+  object is still at hand (:meth:`Ingestor.fail_unexpected`).
+
+Every refusal of an object that arrived is quarantined with a reason file; what counts as malformed, and how
+it is found without loading the pixels, is :mod:`dicom_node.receive.header_check`.
 """
 
 from __future__ import annotations
@@ -31,14 +37,25 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from config.settings import Settings
+from dicom_node.receive.header_check import (
+    STATUS_BAD_UIDS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_SOP_INSTANCE_MISMATCH,
+    STATUS_SUCCESS,
+    STATUS_UNREADABLE,
+    RefusedObject,
+    kind,
+    read_header,
+    value,
+)
 from dicom_node.receive.quarantine import move_file, quarantine
 from dicom_node.receive.study_header import backfill_study_attributes, study_attributes_from_header
 from dicom_node.store.layout import NodeLayout
@@ -52,17 +69,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_MISMATCH = 0xA900
-STATUS_UNREADABLE = 0xC001
-STATUS_BAD_UIDS = 0xC002
-STATUS_SOP_INSTANCE_MISMATCH = 0xC003
-
-# Values larger than this stay on disk while parsing (a streamed big object is not read into memory).
-_DEFER_BYTES = 64 * 1024
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float Pixel Data
 
 
 @dataclass(frozen=True)
@@ -80,76 +86,6 @@ class IngestOutcome:
         return self.status == STATUS_SUCCESS
 
 
-class RefusedObject(Exception):
-    """An object that cannot be stored: carries the status and the (PHI-free) reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _read_header(source: IO[bytes], total_size: int, require_pixels: bool = True) -> Dataset:
-    """Parse a Part 10 object; :class:`RefusedObject` (0xC001) if it is not DICOM or is cut short.
-
-    pydicom reads a defined-length value that runs past the end of the file without complaint and only warns
-    about an undefined-length one (then drops it), so completeness is checked here: every raw top-level value
-    must end inside the file, Pixel Data must be present, and native Pixel Data must hold all the bytes its
-    rows, columns, samples, bits and frames imply.
-    """
-    try:
-        dataset = dcmread(source, defer_size=_DEFER_BYTES)
-    except (InvalidDicomError, EOFError) as error:
-        raise RefusedObject(STATUS_UNREADABLE, f"not a DICOM Part 10 object: {_short(error)}") from None
-    except Exception as error:  # pydicom raises many types on garbage (struct.error, ValueError, zlib.error)
-        # Only the type: a conversion error's message can quote an element's value, which may be PHI.
-        kind = f"{type(error).__module__}.{type(error).__name__}"
-        raise RefusedObject(STATUS_UNREADABLE, f"unparseable DICOM ({kind})") from None
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
-        raise RefusedObject(STATUS_UNREADABLE, "no Transfer Syntax UID in the file meta")
-    deflated = UID(syntax) == "1.2.840.10008.1.2.1.99"
-    if not deflated:  # a deflated dataset is parsed from its inflated copy; zlib already caught truncation
-        for tag in dataset.keys():
-            element = dataset.get_item(tag)
-            length = getattr(element, "length", 0)
-            tell = getattr(element, "value_tell", None)
-            if tell is not None and length != 0xFFFFFFFF and tell + length > total_size:
-                raise RefusedObject(STATUS_UNREADABLE, f"truncated: element {tag} declares {length} bytes at "
-                                    f"offset {tell}, object is {total_size} bytes")
-    if not require_pixels:  # a report SR: no pixels to check
-        return dataset
-    pixel_tags = [tag for tag in _PIXEL_TAGS if tag in dataset]
-    if not pixel_tags:
-        raise RefusedObject(STATUS_UNREADABLE, "no Pixel Data (truncated, or not an image)")
-    if not UID(syntax).is_compressed:
-        _check_native_pixel_length(dataset, _value_length(dataset.get_item(pixel_tags[0])))
-    return dataset
-
-
-def _value_length(element: Any) -> int:
-    """Bytes of a value as read: the declared length of a raw (possibly deferred) element, else the length of
-    the value pydicom already converted (ambiguous-VR elements such as implicit VR Pixel Data are)."""
-    if hasattr(element, "length"):
-        return int(element.length)
-    value = element.value
-    return len(value) if isinstance(value, (bytes, bytearray)) else 0
-
-
-def _check_native_pixel_length(dataset: Dataset, length: int) -> None:
-    try:
-        frames = int(dataset.get("NumberOfFrames") or 1)
-        expected_bits = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel") or 1)
-                         * int(dataset.BitsAllocated) * frames)
-    except (AttributeError, TypeError, ValueError) as error:
-        raise RefusedObject(STATUS_UNREADABLE, f"image pixel description missing or invalid: {_short(error)}"
-                            ) from None
-    expected = (expected_bits + 7) // 8
-    if length < expected:
-        raise RefusedObject(STATUS_UNREADABLE, f"truncated: Pixel Data has {length} bytes, the image needs "
-                            f"{expected}")
-
-
 def _short(error: BaseException, limit: int = 200) -> str:
     text = str(error).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
@@ -158,15 +94,15 @@ def _short(error: BaseException, limit: int = 200) -> str:
 def _uids(dataset: Dataset, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str, str]:
     """(study, series, sop) UIDs after checking them against each other and the C-STORE command."""
     try:
-        study = check_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = check_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = check_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+        study = check_uid(value(dataset, "StudyInstanceUID", STATUS_BAD_UIDS), "StudyInstanceUID")
+        series = check_uid(value(dataset, "SeriesInstanceUID", STATUS_BAD_UIDS), "SeriesInstanceUID")
+        sop = check_uid(value(dataset, "SOPInstanceUID", STATUS_BAD_UIDS), "SOPInstanceUID")
     except InvalidUIDError as error:
         raise RefusedObject(STATUS_BAD_UIDS, str(error)) from None
-    dataset_class = str(dataset.get("SOPClassUID") or "").strip().rstrip("\x00")
+    dataset_class = str(value(dataset, "SOPClassUID") or "").strip().rstrip("\x00")
     if dataset_class != sop_class_uid:
-        raise RefusedObject(STATUS_SOP_CLASS_MISMATCH, f"dataset SOP Class UID {dataset_class!r} differs from "
-                            f"the command's {sop_class_uid!r}")
+        raise RefusedObject(STATUS_SOP_CLASS_MISMATCH, f"dataset SOP Class UID {dataset_class[:80]!r} differs "
+                            f"from the command's {sop_class_uid!r}")
     if sop != sop_instance_uid:
         raise RefusedObject(STATUS_SOP_INSTANCE_MISMATCH, f"dataset SOP Instance UID {sop!r} differs from the "
                             f"command's {sop_instance_uid!r}")
@@ -227,18 +163,22 @@ class Ingestor:
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, comment)
         try:
             if data is not None:
-                dataset = _read_header(io.BytesIO(data), len(data), require_pixels=not takes_report)
+                header = read_header(io.BytesIO(data), len(data), require_pixels=not takes_report)
             else:
                 assert path is not None
                 with open(path, "rb") as handle:
-                    dataset = _read_header(handle, os.fstat(handle.fileno()).st_size, require_pixels=not takes_report)
+                    header = read_header(handle, os.fstat(handle.fileno()).st_size, require_pixels=not takes_report)
+            dataset = header.dataset
             study, series, sop = _uids(dataset, sop_class_uid, sop_instance_uid)
         except RefusedObject as refused:
+            return self._refuse(data, path, refused, context)
+        except Exception as error:  # noqa: BLE001 - any other failure to understand the object is still its data's
+            refused = RefusedObject(STATUS_UNREADABLE, f"header check failed ({kind(error)})")
             return self._refuse(data, path, refused, context)
         if takes_report:  # kept apart from the CT spool: a report is no instance of its study's assembly
             assert self.reports is not None
             return self.reports.receive(dataset, data, path, study=study, sop=sop, context=context)
-        syntax = str(dataset.file_meta.TransferSyntaxUID)
+        syntax = header.transfer_syntax
         target = self.layout.instance_path(study, series, sop)
         size = len(data) if data is not None else path.stat().st_size  # type: ignore[union-attr]
         record = InstanceRecord(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=sop_class_uid,
@@ -266,6 +206,28 @@ class Ingestor:
         logger.debug("event=instance_stored study_uid=%s series_uid=%s sop_uid=%s bytes=%d new=%s", study,
                      series, sop, size, inserted)
         return IngestOutcome(STATUS_SUCCESS, "", record, duplicate=not inserted)
+
+    def fail_unexpected(self, source: bytes | Path | None, error: BaseException, *, calling_ae: str, peer_ip: str,
+                        sop_class_uid: str, sop_instance_uid: str) -> IngestOutcome:
+        """The answer when handling an object failed in a way no rule foresaw (a bug of ours): the object is
+        quarantined if it is still at hand, and the status is *Processing failure* (0x0110), not 0xA700 (which
+        tells a PACS to resend an object that would fail again) and not 0xC0xx (its data may be fine)."""
+        context: dict[str, Any] = {"calling_ae": calling_ae, "peer_ip": peer_ip, "sop_class_uid": sop_class_uid,
+                                   "sop_instance_uid": sop_instance_uid}
+        self._count("failed")
+        reason = f"internal error while storing ({kind(error)})"
+        kept = isinstance(source, (bytes, bytearray)) or (isinstance(source, Path) and source.is_file())
+        if kept:
+            try:
+                quarantine(self.layout, source, reason, status=f"0x{STATUS_PROCESSING_FAILURE:04X}",  # type: ignore[arg-type]
+                           **context)
+            except OSError as quarantine_error:
+                kept = False
+                logger.error("event=quarantine_failed error=%r sop_uid=%s", _short(quarantine_error),
+                             sop_instance_uid)
+        logger.error("event=store_failed status=0x%04X reason=%r quarantined=%s calling_ae=%s sop_uid=%s",
+                     STATUS_PROCESSING_FAILURE, reason, kept, calling_ae, sop_instance_uid)
+        return IngestOutcome(STATUS_PROCESSING_FAILURE, reason[:64])
 
     def _ignore(self, path: Path | None, context: dict[str, Any]) -> IngestOutcome:
         self._discard(path)
@@ -320,8 +282,10 @@ def reconcile_spool(layout: NodeLayout, store: StateStore, *, quiet_seconds: flo
         size = path.stat().st_size
         try:
             with open(path, "rb") as handle:
-                dataset = _read_header(handle, size)
-            study, series, sop = _uids(dataset, str(dataset.get("SOPClassUID") or ""), path.stem)
+                header = read_header(handle, size)
+            dataset = header.dataset
+            sop_class_uid = str(value(dataset, "SOPClassUID") or "").strip().rstrip("\x00")
+            study, series, sop = _uids(dataset, sop_class_uid, path.stem)
             if (study, series) != (path.parent.parent.name, path.parent.name):
                 raise RefusedObject(STATUS_BAD_UIDS, "UIDs differ from the file's place in the spool")
         except RefusedObject as refused:
@@ -329,8 +293,8 @@ def reconcile_spool(layout: NodeLayout, store: StateStore, *, quiet_seconds: flo
                        sop_instance_uid=path.stem)
             continue
         record = InstanceRecord(sop_uid=sop, study_uid=study, series_uid=series,
-                                sop_class_uid=str(dataset.SOPClassUID), transfer_syntax=str(
-                                    dataset.file_meta.TransferSyntaxUID), path=path, size=size)
+                                sop_class_uid=sop_class_uid, transfer_syntax=header.transfer_syntax, path=path,
+                                size=size)
         if store.record_instance(record, None, None, quiet_seconds, now=time.time(),
                                  header=partial(study_attributes_from_header, dataset, study)):
             recorded += 1

@@ -34,7 +34,15 @@ Attach = Callable[..., object]
 
 
 def is_own_result(dataset: Dataset, manufacturer: str) -> bool:
-    """Whether this SR is a MedFinder similar-case result (ours), whatever SOP class it arrives as."""
+    """Whether this SR is a MedFinder similar-case result (ours), whatever SOP class it arrives as; an
+    unreadable value (pydicom converts on first access) means not ours: the SR is kept as received."""
+    try:
+        return _is_own_result(dataset, manufacturer)
+    except Exception:  # noqa: BLE001 - received data; garbage raises many types
+        return False
+
+
+def _is_own_result(dataset: Dataset, manufacturer: str) -> bool:
     names = dataset.get("ConceptNameCodeSequence")
     if names and str(names[0].get("CodingSchemeDesignator", "")).strip() == SCHEME:
         return True

@@ -28,6 +28,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -43,11 +44,14 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from config.settings import AllowedSource, Settings
+from dicom_node.metrics import count_store
 from dicom_node.query.service import FindService
 from dicom_node.receive.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
-from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
+from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor
+from dicom_node.receive.tls_server import TlsAssociationServer
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import InstanceRecord, StateStore
+from dicom_node.tls import server_context
 from workers.report_text import REPORT_SR_CLASSES
 from workers.search import QueryEngine
 
@@ -226,16 +230,22 @@ class StorageSCP:
         handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_C_FIND, self.find.handle),
                     (evt.EVT_CONN_CLOSE, self._on_conn_close)]
         request_handler = _request_handler(self.policy, self.find.called_titles)
-        server = ae.make_server((node.bind, node.port), evt_handlers=handlers,
-                                server_class=ThreadedAssociationServer, request_handler=request_handler)
+        # TLS (node.tls): handshakes in the connections' threads (dicom_node.receive.tls_server)
+        ssl_context = server_context(node.tls) if node.tls.enabled else None
+        server = ae.make_server((node.bind, node.port), evt_handlers=handlers, ssl_context=ssl_context,
+                                server_class=TlsAssociationServer if ssl_context else ThreadedAssociationServer,
+                                request_handler=request_handler)
+        if isinstance(server, TlsAssociationServer):
+            server.handshake_timeout_s = node.acse_timeout_s
         ae._servers.append(server)  # as ae.start_server() does, so that server.shutdown() and ae.shutdown() work
         self._ae = ae
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         self._thread.start()
         logger.info("event=scp_ready ae_title=%s similar_ae_title=%s bind=%s port=%d allow=%d other_storage=%s "
-                    "max_associations=%d", node.ae_title, self.find.similar_title, node.bind, self.port,
-                    len(node.allow), node.other_storage, node.max_associations)
+                    "max_associations=%d tls=%s", node.ae_title, self.find.similar_title, node.bind, self.port,
+                    len(node.allow), node.other_storage, node.max_associations,
+                    ("mutual" if node.tls.ca_file else "server-only") if ssl_context else "off")
 
     def stop(self) -> None:
         server, self._server = self._server, None
@@ -262,15 +272,18 @@ class StorageSCP:
         arguments = {"calling_ae": calling_ae, "peer_ip": peer_ip,
                      "sop_class_uid": str(request.AffectedSOPClassUID or ""),
                      "sop_instance_uid": str(request.AffectedSOPInstanceUID or "")}
+        source: Any = None  # the object as received, kept (quarantined) if handling it fails unexpectedly
         try:
             if self.settings.node.stream_to_disk:
-                outcome = self.ingestor.store_file(event.dataset_path, **arguments)
+                source = Path(event.dataset_path)
+                outcome = self.ingestor.store_file(source, **arguments)
             else:
-                outcome = self.ingestor.store_encoded(event.encoded_dataset(include_meta=True), **arguments)
-        except Exception:  # noqa: BLE001 - answer the sender; a bug must not look like success
+                source = event.encoded_dataset(include_meta=True)
+                outcome = self.ingestor.store_encoded(source, **arguments)
+        except Exception as error:  # noqa: BLE001 - a bug: not success, not 0xA700 (only for a real shortage)
             logger.exception("event=store_error calling_ae=%s sop_uid=%s", calling_ae,
                              arguments["sop_instance_uid"])
-            outcome = IngestOutcome(0xA700, "internal error while storing; retry later")
+            outcome = self.ingestor.fail_unexpected(source, error, **arguments)
         if outcome.ok and outcome.record is not None:
             with self._lock:
                 self._in_flight.setdefault(id(assoc), set()).add(outcome.record.study_uid)
@@ -279,6 +292,7 @@ class StorageSCP:
                     self.on_stored(outcome.record)
                 except Exception:  # noqa: BLE001 - the object is stored; a listener's bug must not fail it
                     logger.exception("event=on_stored_error sop_uid=%s", outcome.record.sop_uid)
+        count_store(outcome)  # metrics: instances by outcome and status
         response = Dataset()
         response.Status = outcome.status
         if outcome.comment and not outcome.ok:

@@ -37,11 +37,11 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     """One header value as text; None when absent, empty or undecodable (never fails the caller)."""
     try:
         value = dataset.get(keyword)
+        if value is None:
+            return None
+        text = str(value).strip().rstrip("\x00").strip()  # str() decodes too (a person name's character set)
     except Exception:  # noqa: BLE001 - a bad value in an optional attribute must not refuse the instance
         return None
-    if value is None:
-        return None
-    text = str(value).strip().rstrip("\x00").strip()
     return text or None
 
 

@@ -1,10 +1,12 @@
 """Torch-free CT volume loading and the one preprocessing recipe shared by training and serving.
 
 Public API: :class:`Volume`, :class:`VolumeError` (and subclasses), :func:`load_dicom_series`,
-:func:`read_dicom_slice`, :func:`load_nifti`, :func:`load_volume`, :func:`reorient_to_ras`,
+:func:`read_dicom_slice`, :func:`load_multiframe_series` (Enhanced CT via highdicom), :func:`load_nifti`,
+:func:`load_volume`, :func:`reorient_to_ras`,
 :func:`resample_to_spacing`, :func:`preprocess_volume`, :func:`preprocess_path`, :func:`describe_spec`.
 """
 
+from .dicom_multiframe import load_multiframe_series
 from .dicom_series import load_dicom_series
 from .dicom_slice import DicomSlice, read_dicom_slice
 from .geometry import axis_codes, reorient_to_ras, resample_to_spacing
@@ -25,6 +27,7 @@ from .resample import resize_linear
 from .volume import (
     DimensionalityError,
     MixedSeriesError,
+    MultiFrameImageError,
     NoPixelDataError,
     NotDicomError,
     PixelDecodeError,
@@ -40,6 +43,7 @@ __all__ = [
     "DicomSlice",
     "DimensionalityError",
     "MixedSeriesError",
+    "MultiFrameImageError",
     "NoPixelDataError",
     "NotDicomError",
     "PixelDecodeError",
@@ -51,6 +55,7 @@ __all__ = [
     "crop_to_foreground",
     "describe_spec",
     "load_dicom_series",
+    "load_multiframe_series",
     "load_nifti",
     "load_npy",
     "load_volume",

@@ -15,6 +15,9 @@ Policy, chosen for a PACS-side service that must be robust but never silently wr
   are skipped with a log line; in an explicit file list every file must be a DICOM image.
 * Non-CT modalities are allowed and recorded in ``meta['modality']`` (with a warning).
 * Uneven spacing and gantry tilt are regularised by :mod:`.slice_assembly` (see there).
+* Multi-frame objects (Enhanced CT) are one series of frames: a series of them goes to
+  :mod:`.dicom_multiframe` (highdicom), frames counting as slices; single- and multi-frame images mixed in one
+  series are refused as mixed.
 """
 
 from __future__ import annotations
@@ -26,9 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom_multiframe import load_multiframe_series
 from .dicom_slice import DicomSlice, read_dicom_slice
 from .slice_assembly import assemble_stack
-from .volume import MixedSeriesError, NoPixelDataError, NotDicomError, TooFewSlicesError, Volume, VolumeError
+from .volume import (
+    MixedSeriesError,
+    MultiFrameImageError,
+    NoPixelDataError,
+    NotDicomError,
+    TooFewSlicesError,
+    Volume,
+    VolumeError,
+)
 
 __all__ = ["load_dicom_series", "DUPLICATE_TOLERANCE_MM"]
 
@@ -40,16 +52,27 @@ _SPACING_TOLERANCE_MM = 1e-4
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _collect_folder(folder: Path) -> tuple[list[DicomSlice], list[str]]:
+def _read_images(paths: Sequence[Path], *, skip_non_images: bool) -> tuple[list[DicomSlice], list[Path], list[str]]:
+    """Single-frame slices, multi-frame files (loaded later by highdicom) and, in a folder, skipped file names."""
     slices: list[DicomSlice] = []
+    multiframe: list[Path] = []
     skipped: list[str] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in paths:
         try:
             slices.append(read_dicom_slice(path))
+        except MultiFrameImageError:
+            multiframe.append(path)
         except (NotDicomError, NoPixelDataError) as exc:
+            if not skip_non_images:
+                raise
             skipped.append(path.name)
             log.debug("skipping %s", exc)
-    return slices, skipped
+    return slices, multiframe, skipped
+
+
+def _collect_folder(folder: Path) -> tuple[list[DicomSlice], list[Path], list[str]]:
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return _read_images(paths, skip_non_images=True)
 
 
 def _describe_mismatch(label: str, values: list[str], slices: list[DicomSlice]) -> str:
@@ -125,14 +148,15 @@ def load_dicom_series(source: str | Path | Sequence[str | Path], *, min_slices: 
     recipe applies its own ``min_slices`` later, so the default accepts even a single slice.
     """
     skipped: list[str] = []
+    multiframe: list[Path] = []
     if isinstance(source, (str, Path)):
         path = Path(source)
         label = str(path)
         if not path.exists():
             raise VolumeError(f"{path}: path does not exist")
         if path.is_dir():
-            slices, skipped = _collect_folder(path)
-            if not slices:
+            slices, multiframe, skipped = _collect_folder(path)
+            if not slices and not multiframe:
                 subfolders = sum(1 for p in path.iterdir() if p.is_dir())
                 detail = [f"skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}"] if skipped else []
                 if subfolders:
@@ -141,15 +165,20 @@ def load_dicom_series(source: str | Path | Sequence[str | Path], *, min_slices: 
                     f"{path}: folder contains no DICOM image files ({'; '.join(detail) or 'it is empty'})"
                 )
         else:
-            slices = [read_dicom_slice(path)]
+            slices, multiframe, _ = _read_images([path], skip_non_images=False)
     else:
         paths = list(dict.fromkeys(Path(p).resolve() for p in source))  # the same file twice is one file
         if not paths:
             raise VolumeError("empty list of DICOM files")
         label = str(paths[0].parent) if len(paths) > 1 else str(paths[0])
         label = f"{label} ({len(paths)} files)"
-        slices = [read_dicom_slice(p) for p in paths]
+        slices, multiframe, _ = _read_images(paths, skip_non_images=False)
 
+    if multiframe:
+        if slices:
+            raise MixedSeriesError(f"{label}: {len(slices)} single-frame and {len(multiframe)} multi-frame image(s) "
+                                   f"(e.g. {multiframe[0].name}); not one volume")
+        return load_multiframe_series(multiframe, label=label, min_slices=min_slices, files_skipped=len(skipped))
     _check_one_series(slices, label)
     kept, dropped = _sort_and_deduplicate(slices, label)
     if len(kept) < min_slices:

@@ -16,7 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from .volume import NoPixelDataError, NotDicomError, PixelDecodeError, VolumeError
+from .volume import (
+    MultiFrameImageError,
+    NoPixelDataError,
+    NotDicomError,
+    PixelDecodeError,
+    VolumeError,
+)
 
 __all__ = ["DicomSlice", "read_dicom_slice"]
 
@@ -133,7 +139,8 @@ def read_dicom_slice(path: str | Path) -> DicomSlice:
     """Read one single-frame DICOM image's header (pixels are decoded later by :meth:`DicomSlice.hu`).
 
     Raises :class:`VolumeError` subclasses for missing/unreadable/non-DICOM files, files without pixel
-    data, multi-frame or colour images, and missing geometry (position, orientation, pixel spacing).
+    data, multi-frame (:class:`MultiFrameImageError`) or colour images, and missing geometry (position,
+    orientation, pixel spacing).
     """
     path = Path(path)
     ds = _read_dataset(path)
@@ -145,7 +152,7 @@ def read_dicom_slice(path: str | Path) -> DicomSlice:
     except (TypeError, ValueError):
         frames = 1
     if frames != 1:
-        raise VolumeError(f"{path}: multi-frame image ({frames} frames) is not supported; send single-frame CT")
+        raise MultiFrameImageError(f"{path}: multi-frame image ({frames} frames), not a single slice")
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise VolumeError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}); expected greyscale CT")
     try:

@@ -21,6 +21,7 @@ __all__ = [
     "MixedSeriesError",
     "TooFewSlicesError",
     "DimensionalityError",
+    "MultiFrameImageError",
 ]
 
 
@@ -46,6 +47,11 @@ class MixedSeriesError(VolumeError):
 
 class TooFewSlicesError(VolumeError):
     """Too few slices to be a diagnostic volume (a scout/localizer or a partial transfer)."""
+
+
+class MultiFrameImageError(VolumeError):
+    """A multi-frame image where one slice was expected; :func:`load_dicom_series` routes such files to the
+    multi-frame loader (``dicom_multiframe``) instead of failing."""
 
 
 class DimensionalityError(VolumeError):
