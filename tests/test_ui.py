@@ -458,7 +458,7 @@ def test_chromium_shows_the_other_studys_card(ui_node: UiNode) -> None:
                  30, "the thumbnail to load")
         assert driver.execute_script("return arguments[0].naturalWidth", image) == 192
         bar = card.find_element(By.CSS_SELECTOR, ".bar span")
-        assert bar.size["width"] >= 0
+        assert bar.size["width"] > 0, "the best match's score bar is drawn"
         assert "Open in Orthanc" in card.text
         # Navigation keeps the session (the cookie from the link).
         card.find_element(By.LINK_TEXT, "Similar to this").click()

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 EXPLORER_STUDY = "/app/explorer.html#study?uuid={id}"
 DOWN_BACKOFF_S = 30.0  # after a failure, pages go without links this long before Orthanc is asked again
 MAX_PARALLEL = 8
+MAX_CACHED = 10_000  # lookups kept before expired ones are dropped
 
 
 class _TimeoutAdapter(HTTPAdapter):
@@ -94,6 +95,9 @@ class OrthancLinks:
             return found
         stamp = time.monotonic()
         with self._lock:
+            if len(self._cache) > MAX_CACHED:  # drop expired answers: one entry per study ever shown otherwise
+                self._cache = {uid: entry for uid, entry in self._cache.items()
+                               if stamp - entry[0] < self.settings.lookup_cache_s}
             for uid, orthanc_id in zip(missing, answers, strict=True):
                 self._cache[uid] = (stamp, orthanc_id)
                 if orthanc_id is not None:

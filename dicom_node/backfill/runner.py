@@ -195,6 +195,8 @@ class Backfill:
             self.say(f"study {study.study_uid}: fetch failed ({reason}); it is retried by the next run")
             return False
         held = self._await_arrival(study, result)
+        if not self.request.report:  # the node's suppression window counts from the last arrival, not the ask
+            self.node_store.suppress_reports([study.study_uid], SOURCE_NAME)
         target = study.expected if study.expected is not None else result.completed
         complete = held >= max(target, 1) or (result.ok and held > 0)
         reason = None

@@ -125,21 +125,17 @@ class JobStore(SqliteStore):
         return found
 
     def job(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row is not None else None
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
 
     def jobs(self, limit: int = 20) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [_job(r) for r in rows]
+        return [_job(r) for r in self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]
 
     def open_job(self) -> Job | None:
         """The one job not finished yet (requested, running or switching), if any."""
-        with self._lock:
-            row = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(OPEN_STATES))})"
-                                   " ORDER BY id LIMIT 1", OPEN_STATES).fetchone()
-        return _job(row) if row is not None else None
+        rows = self._query(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(OPEN_STATES))})"
+                           " ORDER BY id LIMIT 1", OPEN_STATES)
+        return _job(rows[0]) if rows else None
 
     def move(self, job_id: int, state: JobState, *, message: str | None = None, from_bundle: str | None = None,
              now: float | None = None) -> bool:
@@ -164,9 +160,7 @@ class JobStore(SqliteStore):
 
     def members(self, bundle_id: str) -> dict[str, tuple[int, MemberState]]:
         """study UID -> (version, state) of every study recorded for ``bundle_id``'s collection."""
-        with self._lock:
-            rows = self._db.execute("SELECT study_uid, version, state FROM members WHERE bundle_id = ?",
-                                    (bundle_id,)).fetchall()
+        rows = self._query("SELECT study_uid, version, state FROM members WHERE bundle_id = ?", (bundle_id,))
         return {str(r["study_uid"]): (int(r["version"]), MemberState(r["state"])) for r in rows}
 
     def record_member(self, bundle_id: str, study_uid: str, version: int, state: MemberState,

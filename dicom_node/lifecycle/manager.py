@@ -43,6 +43,8 @@ from workers.search import QueryEngine
 logger = logging.getLogger(__name__)
 
 INDEXED_STATES = (StudyState.INDEXED, StudyState.REPORTED, StudyState.BACKFILLED)
+RETIRE_AFTER_S = 60.0  # a collection switched away from is closed this long after (queries may still hold it)
+LOAD_RETRY_S = 30.0  # a bundle that failed to load is tried again after this long (or when the registry changes)
 REGISTRY_POLL_S = 1.0  # how often a node without a bundle (or with a changed registry) looks at active.json
 JOBS_POLL_S = 0.5  # how often the job table is read for requests and cancels
 # With no job open and every follower in step (the previous collection kept for a rollback), the followers are
@@ -71,6 +73,8 @@ class ModelLifecycle:
         self._syncs: dict[str, FollowerSync] = {}
         self._job: Job | None = None
         self._registry_seen: str | None = None
+        self._load_retry_at = 0.0  # after a bundle failed to load: not before this (monotonic)
+        self._retiring: list[tuple[float, BundleSlot]] = []  # (close after, slot): collections no longer served
         self._next_registry = 0.0
         self._next_jobs = 0.0
         self._said_waiting = False
@@ -152,8 +156,9 @@ class ModelLifecycle:
         return self._job is not None and self._job.state == JobState.SWITCHING
 
     def close(self) -> None:
-        for slot in self.models.slots():
+        for slot in (*self.models.slots(), *(slot for _when, slot in self._retiring)):
             slot.index.close()
+        self._retiring = []
         self.catalog.close()
         self.jobs.close()
 
@@ -161,6 +166,8 @@ class ModelLifecycle:
 
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
+        if self._retiring:
+            self._close_retired()
         if now >= self._next_registry:
             self._next_registry = now + REGISTRY_POLL_S
             self._watch_registry()
@@ -197,12 +204,15 @@ class ModelLifecycle:
         if self.models.active is None:
             if registry is None:
                 return
+            if registry == self._registry_seen and time.monotonic() < self._load_retry_at:
+                return  # it failed to load a moment ago: an ONNX load per second would starve the pipeline
             try:
                 slot = self._open(registry)
             except (BundleError, IndexMismatchError) as error:
                 if registry != self._registry_seen:
                     logger.error("event=bundle_load_failed bundle_id=%s error=%s", registry, error)
                 self._registry_seen = registry
+                self._load_retry_at = time.monotonic() + LOAD_RETRY_S
                 return
             with self.index_write_lock:
                 self.pointer = ActivePointer(slot.ref)
@@ -293,7 +303,18 @@ class ModelLifecycle:
             return
         with self.index_write_lock:
             self._set(ModelSet(self.models.active, tuple(f for f in self.models.followers if f is not slot)))
-        slot.index.close()
+        self._retire(slot)
+
+    def _retire(self, slot: BundleSlot) -> None:
+        """Close a collection no longer served, after queries that started on it had time to finish."""
+        self._retiring.append((time.monotonic() + RETIRE_AFTER_S, slot))
+
+    def _close_retired(self) -> None:
+        now = time.monotonic()
+        due = [slot for when, slot in self._retiring if when <= now]
+        self._retiring = [(when, slot) for when, slot in self._retiring if when > now]
+        for slot in due:
+            slot.index.close()
 
     def _previous(self) -> str | None:
         """The previous collection's bundle when it is kept (loaded as a follower)."""
@@ -306,8 +327,7 @@ class ModelLifecycle:
 
     def indexed_versions(self) -> dict[str, int]:
         """Study UID -> result version of every study the active collection holds."""
-        return {row.study_uid: row.version for row in self.store.studies()
-                if row.state in INDEXED_STATES and row.point_id}
+        return self.store.indexed_versions(INDEXED_STATES)
 
     def _sync_followers(self, now: float) -> dict[str, SyncProgress]:
         if not self._syncs:
@@ -348,7 +368,7 @@ class ModelLifecycle:
             others = tuple(f for f in self.models.followers if f is not new and f is not old)
             self._set(ModelSet(new, (old, *others)[:1] if keep else ()))
         for dropped in (*others, *(() if keep else (old,))):
-            dropped.index.close()
+            self._retire(dropped)
         try:
             activate_bundle(self.settings, new.bundle_id)
         except BundleError as error:  # the pointer has switched; a restart serves it all the same

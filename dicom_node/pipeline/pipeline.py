@@ -159,7 +159,10 @@ class Pipeline:
     def _report(self, active: BundleSlot, study: StudyRow) -> None:
         """Search, build the SR and queue its deliveries for an indexed study (none for a quiet backfill)."""
         version = study.version
-        if self.store.reports_suppressed(study.study_uid):
+        # A backfilled study's instances arrive within the fetch's arrival timeout (plus the quiet timer) of the
+        # suppression being recorded; anything later is a live send and gets its SR.
+        window = self.settings.backfill.arrival_timeout_s + self.settings.node.quiet_seconds_for(study.calling_ae)
+        if self.store.reports_suppressed(study, window):
             self.store.finish(study.study_uid, version, StudyState.BACKFILLED)
             logger.info("event=study_backfilled study_uid=%s version=%d", study.study_uid, version)
             apply_retention(self.settings, self.layout, self.store, study.study_uid, version, self.studies_in_flight())

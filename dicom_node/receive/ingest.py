@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -200,8 +201,16 @@ class Ingestor:
                          sop, _short(error))
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"could not write to the spool: {_short(error, 80)}")
         quiet = self.settings.node.quiet_seconds_for(calling_ae)
-        inserted = self.store.record_instance(record, calling_ae, peer_ip, quiet,
-                                              header=partial(study_attributes_from_header, dataset, study))
+        try:
+            inserted = self.store.record_instance(record, calling_ae, peer_ip, quiet,
+                                                  header=partial(study_attributes_from_header, dataset, study))
+        except (sqlite3.OperationalError, OSError) as error:
+            # Transient (database locked by another process, I/O): the spooled file stays, the PACS retries, and the
+            # retry records it (it is not a known instance yet). 0x0110 would strand it until the next restart.
+            self._count("out_of_resources")
+            logger.error("event=state_write_failed status=0x%04X sop_uid=%s error=%s", STATUS_OUT_OF_RESOURCES, sop,
+                         type(error).__name__)
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, "could not record the instance; retry later")
         self._count("stored" if inserted else "duplicate")
         logger.debug("event=instance_stored study_uid=%s series_uid=%s sop_uid=%s bytes=%d new=%s", study,
                      series, sop, size, inserted)
@@ -219,8 +228,8 @@ class Ingestor:
         kept = isinstance(source, (bytes, bytearray)) or (isinstance(source, Path) and source.is_file())
         if kept:
             try:
-                quarantine(self.layout, source, reason, status=f"0x{STATUS_PROCESSING_FAILURE:04X}",  # type: ignore[arg-type]
-                           **context)
+                quarantine(self.layout, source, reason,  # type: ignore[arg-type]
+                           status=f"0x{STATUS_PROCESSING_FAILURE:04X}", **context)
             except OSError as quarantine_error:
                 kept = False
                 logger.error("event=quarantine_failed error=%r sop_uid=%s", _short(quarantine_error),

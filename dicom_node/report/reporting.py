@@ -148,8 +148,10 @@ def report_study(settings: Settings, layout: NodeLayout, store: StateStore, inde
             companion_uid, companion_path = write_companion(settings, layout, store, bundle_manifest,
                                                             query_instance, outcome, cases)
             objects.append((companion_uid, companion_path))
-        except Exception:  # the PDF only renders the SR: never let it hold the result back
-            logger.exception("event=companion_failed study_uid=%s version=%d", study.study_uid, outcome.version)
+        except Exception as error:  # noqa: BLE001 - the PDF only renders the SR: never let it hold the result back
+            # the type only: PDF and pydicom messages can quote header values
+            logger.error("event=companion_failed study_uid=%s version=%d error=%s", study.study_uid, outcome.version,
+                         type(error).__name__)
         timings["companion_s"] = time.perf_counter() - step
 
     targets = destinations_for(settings, study)

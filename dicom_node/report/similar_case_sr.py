@@ -125,12 +125,13 @@ def query_evidence(query_instance: Dataset) -> Dataset:
     return evidence
 
 
-def format_date(value: str | None) -> str:
-    """A DICOM DA as YYYY-MM-DD for people (DATE items and raw DA are rendered poorly by viewers)."""
+def format_date(value: str | None, missing: str | None = "not recorded") -> str | None:
+    """A DICOM DA as YYYY-MM-DD for people (DATE items and raw DA are rendered poorly by viewers); anything else
+    as it is, and ``missing`` when there is nothing."""
     text = (value or "").strip()
     if len(text) == 8 and text.isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
-    return text or "not recorded"
+    return text or missing
 
 
 def case_summary(case: SimilarCase) -> str:

@@ -342,14 +342,28 @@ class StateStore(SqliteStore):
         return [_study(r) for r in rows]
 
     def suppress_reports(self, study_uids: Iterable[str], source: str, now: float | None = None) -> None:
-        """Index these studies without sending an SR (recorded before they arrive: the pipeline checks it)."""
+        """Index these studies without sending an SR (recorded just before they are fetched: the pipeline checks
+        it). Recording again restarts the window of :meth:`reports_suppressed`."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO reports_suppressed (study_uid, source, recorded_at) VALUES (?, ?, ?)",
-                           [(uid, source, now) for uid in study_uids])
+            db.executemany("INSERT INTO reports_suppressed (study_uid, source, recorded_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT(study_uid) DO UPDATE SET source = excluded.source,"
+                           " recorded_at = excluded.recorded_at", [(uid, source, now) for uid in study_uids])
 
-    def reports_suppressed(self, study_uid: str) -> bool:
-        return bool(self._query("SELECT 1 FROM reports_suppressed WHERE study_uid = ?", (study_uid,)))
+    def reports_suppressed(self, study: StudyRow, window_s: float) -> bool:
+        """Whether this study's SR is suppressed: it was recorded, and its last instance arrived within
+        ``window_s`` of the recording (a later live send of the same study gets its SR as usual)."""
+        rows = self._query("SELECT recorded_at FROM reports_suppressed WHERE study_uid = ?", (study.study_uid,))
+        return bool(rows) and study.last_received <= float(rows[0]["recorded_at"]) + window_s
+
+    def indexed_versions(self, states: Iterable[StudyState]) -> dict[str, int]:
+        """Study UID -> result version of every study in ``states`` that has a point in the index (two columns,
+        no sort: the lifecycle reads this on every pass while a collection follows the active one)."""
+        wanted = tuple(states)
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._query(f"SELECT study_uid, version FROM studies WHERE point_id IS NOT NULL AND state IN ({marks})",
+                           wanted)
+        return {str(row["study_uid"]): int(row["version"]) for row in rows}
 
     def indexed_studies(self) -> list[StudyRow]:
         rows = self._query("SELECT * FROM studies WHERE state = ? ORDER BY dispatched_at", (StudyState.INDEXED,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dicom_node.api.services import ApiServices
+from dicom_node.report.similar_case_sr import format_date
 from dicom_node.report.thumbnails import series_image_source
 from dicom_node.store.state import StudyAttributes
 from workers.search import SearchHit, SearchResult
@@ -33,13 +34,6 @@ class Card:
     bar_percent: int = 0
     snippet: str | None = None
     orthanc_url: str | None = None
-
-
-def display_date(value: str | None) -> str | None:
-    """DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
-    if value and len(value) == 8 and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    return value
 
 
 def holds_image(api: ApiServices, study_uid: str) -> bool:
@@ -80,7 +74,7 @@ def result_cards(api: ApiServices, result: SearchResult, orthanc_urls: dict[str,
     cards = []
     for hit in result.hits:
         percent, text, title = _bar(result, hit.score, rrf_k)
-        cards.append(Card(study_uid=hit.study_uid, study_date=display_date(hit.study_date),
+        cards.append(Card(study_uid=hit.study_uid, study_date=format_date(hit.study_date, missing=None),
                           description=hit.study_description, accession=hit.accession_number, modality=hit.modality,
                           body_part=hit.body_part, has_image=holds_image(api, hit.study_uid), rank=hit.rank,
                           score=hit.score, score_text=text, score_title=title, bar_percent=percent,
@@ -91,7 +85,8 @@ def result_cards(api: ApiServices, result: SearchResult, orthanc_urls: dict[str,
 def study_card(api: ApiServices, study_uid: str, attributes: StudyAttributes | None, body_part: str | None,
                orthanc_url: str | None) -> Card:
     """The query study's own card (from the state store's attributes; body part from its index payload)."""
-    return Card(study_uid=study_uid, study_date=display_date(attributes.study_date if attributes else None),
+    study_date = format_date(attributes.study_date if attributes else None, missing=None)
+    return Card(study_uid=study_uid, study_date=study_date,
                 description=attributes.study_description if attributes else None,
                 accession=attributes.accession_number if attributes else None,
                 modality=" ".join(attributes.modalities_in_study) if attributes and attributes.modalities_in_study

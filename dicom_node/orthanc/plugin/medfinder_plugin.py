@@ -99,20 +99,22 @@ class Router:
     def drain(self):
         while not self.stopping:
             page = json.loads(orthanc.RestApiGet(f"/changes?since={self.state['last_seq']}&limit=100"))
-            for change in page["Changes"]:
+            for change in page["Changes"]:  # most are NewInstance: the state is written per routed study and page
+                self.state["last_seq"] = change["Seq"]
                 if change["ChangeType"] == "StableStudy":
                     self.route(change["ID"])
-                self.state["last_seq"] = change["Seq"]
-                self.save()
+                    self.save()
+            self.save()
             if page.get("Done", True) or not page["Changes"]:
                 return
 
     def retry_due(self):
         now = time.time()
-        for study_id, entry in list(self.state["retry"].items()):
-            if entry["next"] <= now:
-                self.route(study_id)
-                self.save()
+        due = [study_id for study_id, entry in self.state["retry"].items() if entry["next"] <= now]
+        for study_id in due:
+            self.route(study_id)
+        if due:
+            self.save()
 
     def route(self, study_id):
         try:
