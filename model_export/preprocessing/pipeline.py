@@ -98,33 +98,23 @@ def preprocess_volume(volume: Volume, spec: PreprocessingSettings) -> np.ndarray
             f"{volume.source}: volume of shape {ras.shape} (RAS) has fewer than {spec.min_slices} slices along "
             "an axis; a scout/localizer or incomplete series?"
         )
-    if spec.fit == "crop_or_pad":
-        return _crop_or_pad_recipe(ras, spec)
+    # MedFinder: resample (optional), linear resize to the target. COLIPRI's ``crop_or_pad``: resample to the exact
+    # spacing on torchio's grid, centred crop/pad (no resize). The steps between are the same.
+    crop_or_pad = spec.fit == "crop_or_pad"
     if spec.target_spacing_mm is not None:
-        ras = resample_to_spacing(ras, spec.target_spacing_mm)
+        ras = (resample_exact_spacing if crop_or_pad else resample_to_spacing)(ras, spec.target_spacing_mm)
     array = ras.array
     if spec.crop_foreground:
         array = crop_to_foreground(array, spec.foreground_threshold_hu)
-    windowed = window_to_range(array, spec.hu_window, spec.output_range)
-    resized = resize_linear(_to_axis_order(windowed, spec.axis_order), spec.target_shape)
-    return resized[np.newaxis]
+    windowed = _to_axis_order(window_to_range(array, spec.hu_window, spec.output_range), spec.axis_order)
+    if crop_or_pad:
+        return center_crop_or_pad(windowed, spec.target_shape, spec.pad_value)[np.newaxis]
+    return resize_linear(windowed, spec.target_shape)[np.newaxis]
 
 
 def _to_axis_order(ras_array: np.ndarray, axis_order: str) -> np.ndarray:
     """A RAS-ordered ``(i, j, k)`` array as the encoder expects it: ``SAR`` (k, j, i) or ``RAS`` unchanged."""
     return ras_array.transpose(2, 1, 0) if axis_order == "SAR" else ras_array
-
-
-def _crop_or_pad_recipe(ras: Volume, spec: PreprocessingSettings) -> np.ndarray:
-    """The ``crop_or_pad`` fit: exact spacing, optional foreground crop, window, centred crop/pad (no resize)."""
-    if spec.target_spacing_mm is not None:
-        ras = resample_exact_spacing(ras, spec.target_spacing_mm)
-    array = ras.array
-    if spec.crop_foreground:
-        array = crop_to_foreground(array, spec.foreground_threshold_hu)
-    windowed = window_to_range(array, spec.hu_window, spec.output_range)
-    fitted = center_crop_or_pad(_to_axis_order(windowed, spec.axis_order), spec.target_shape, spec.pad_value)
-    return fitted[np.newaxis]
 
 
 def preprocess_path(source: str | Path | Sequence[str | Path], spec: PreprocessingSettings) -> np.ndarray:

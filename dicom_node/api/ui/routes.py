@@ -139,6 +139,13 @@ def _empty_message(api: ApiServices, filters: FilterFields) -> str:
     return f"No similar studies yet: {counted}."
 
 
+def _refused(request: Request, audited: Any, error: QueryError) -> HTMLResponse:
+    """The page for a query the engine refused: 503 while no bundle is active (the query is fine), else 422."""
+    status, title = (503, "Not ready to search") if isinstance(error, NoBundleError) else (422, "Cannot search")
+    audited.status = status
+    return _page(request, "error.html", status, title=title, message=str(error))
+
+
 # --- pages ------------------------------------------------------------------------------------------------
 
 
@@ -222,12 +229,8 @@ def similar_page(request: Request, uid: str, limit: str | None = None, date_from
             return _page(request, "error.html", 404, title="Study not on this node",
                          message=f"This node does not hold study {uid} (yet). A study appears here once it has "
                                  "been sent to the node and indexed.")
-        except NoBundleError as error:
-            audited.status = 503
-            return _page(request, "error.html", 503, title="Not ready to search", message=str(error))
-        except QueryError as error:
-            audited.status = 422
-            return _page(request, "error.html", 422, title="Cannot search", message=str(error))
+        except QueryError as error:  # NoBundleError included
+            return _refused(request, audited, error)
         audited.results = [hit.study_uid for hit in result.hits]
     links = _orthanc_urls(request, api, [uid, *audited.results])
     query_card = study_card(api, uid, api.store.study_attributes(uid), _body_part_of(api, uid), links.get(uid))
@@ -254,12 +257,8 @@ def search_page(request: Request, text: Annotated[str, Form(max_length=100_000)]
     with api.audit.record(who.name, who.client, "search", parameters) as audited:
         try:
             result = api.engine.search_text(text, limit=chosen, filters=filters.search_filters())
-        except NoBundleError as error:
-            audited.status = 503
-            return _page(request, "error.html", 503, title="Not ready to search", message=str(error))
-        except QueryError as error:
-            audited.status = 422
-            return _page(request, "error.html", 422, title="Cannot search", message=str(error))
+        except QueryError as error:  # NoBundleError included
+            return _refused(request, audited, error)
         audited.results = [hit.study_uid for hit in result.hits]
     links = _orthanc_urls(request, api, audited.results)
     return _results(request, api, who, result, links, form, filters, query_card=None, text=text)
