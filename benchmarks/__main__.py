@@ -22,13 +22,20 @@ BENCHMARKS = {"train_throughput": train_throughput, "bundle_inference": bundle_i
               "receive_throughput": receive_throughput, "study_latency": study_latency, "search": search,
               "ui_page": ui_page, "backfill": backfill, "reindex": reindex}
 
-arguments = sys.argv[1:]
-if arguments:
-    if arguments[0] not in BENCHMARKS:
-        sys.exit(f"usage: python -m benchmarks [{' | '.join(BENCHMARKS)} [ARGS...]]")
-    sys.exit(BENCHMARKS[arguments[0]].main(arguments[1:]))
-status = 0
-for module in BENCHMARKS.values():
-    status |= module.main([])
-    print()
-sys.exit(status)
+
+
+def main() -> int:
+    arguments = sys.argv[1:]
+    if arguments:
+        if arguments[0] not in BENCHMARKS:
+            sys.exit(f"usage: python -m benchmarks [{' | '.join(BENCHMARKS)} [ARGS...]]")
+        return int(BENCHMARKS[arguments[0]].main(arguments[1:]))
+    status = 0
+    for module in BENCHMARKS.values():
+        status |= module.main([])
+        print()
+    return status
+
+
+if __name__ == "__main__":  # receive_throughput's receiving processes are spawned and import this module again
+    sys.exit(main())

@@ -1,19 +1,21 @@
 """Receive throughput: the node's StorageSCP vs dcmtk ``storescp``, both fed by dcmtk ``storescu``.
 
-One generated CT series (300 slices, 512x512 uint16, valid CT Image Storage headers, Explicit VR Little Endian,
-~157 MB) is sent ``--repeats`` times to each receiver, each run into a fresh data folder on the temp file
-system, all on 127.0.0.1:
+Generated CT series (300 slices each, 512x512 uint16, valid CT Image Storage headers, Explicit VR Little Endian,
+~157 MB, one study each) are sent to each receiver, each run into a fresh data folder on the temp file system,
+all on 127.0.0.1, in two parts:
 
-* ``ours/stream``: StorageSCP with ``node.stream_to_disk`` (pynetdicom writes the dataset to a file; the
-  handler validates it and renames it into the spool) — the default;
-* ``ours/memory``: StorageSCP holding each dataset in memory, validated and written by the handler;
-* ``dcmtk``: ``storescp -od DIR`` with ``TCP_NODELAY=1`` (DCMTK 3.6.7 otherwise waits ~45 ms per instance).
+* one association: ``ours`` (StorageSCP as ``medfinder serve`` runs it, streaming to disk) vs ``storescp -od DIR``;
+* ``--associations`` concurrent ones (8; one storescu per series, all started together): ``ours`` with
+  ``node.receive_processes`` = ``--processes`` (default: the cores), ``ours`` in one process, vs
+  ``storescp --fork`` (a process per association);
+* ``--memory`` adds ours holding each dataset in memory (``stream_to_disk: false``).
 
-``TCP_NODELAY=1`` is set for storescu too. Time = storescu's wall time (process start to exit, the same
-overhead for every receiver); the SCPs are started before the clock and every run is checked to have
-received all 300 files. Reports MB/s, slices/s (median of the repeats) and the ratio ours/dcmtk.
+``TCP_NODELAY=1`` is set for storescp and storescu (DCMTK 3.6.7 otherwise waits ~45 ms per instance). Time =
+from the first storescu's start to the last one's exit (the same overhead for every receiver); the SCPs are
+started before the clock, and every run is checked to have received (and, for ours, recorded) every file.
+Reports MB/s, slices/s (median of the repeats) and the ratio to dcmtk with as many associations.
 
-    python -m benchmarks receive_throughput [--repeats 3] [--slices 300] [--json out.json]
+    python -m benchmarks receive_throughput [--repeats 3] [--slices 300] [--associations 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -93,18 +95,22 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def send(port: int, series: Path) -> float:
-    """storescu the whole folder; seconds from start to exit."""
+def send(port: int, folders: list[Path]) -> float:
+    """One storescu per folder, all at once (one association each); seconds from the first start to the last
+    exit."""
     started = time.perf_counter()
-    result = subprocess.run(["storescu", "-aet", "BENCH", "-aec", "MEDFINDER", "+sd", "127.0.0.1", str(port),
-                             str(series)], capture_output=True, text=True, env=nodelay_env(), timeout=600)
+    senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", "MEDFINDER", "+sd", "127.0.0.1", str(port),
+                                 str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=nodelay_env()) for folder in folders]
+    errors = [sender.communicate(timeout=600)[1] for sender in senders]
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu failed: {result.stderr[-1500:]}")
+    for sender, error in zip(senders, errors):
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {error[-1500:]}")
     return seconds
 
 
-def run_ours(series: Path, work: Path, stream: bool) -> float:
+def run_ours(folders: list[Path], work: Path, *, processes: int = 0, stream: bool = True) -> float:
     from config import load_settings
     from dicom_node.receive.scp import StorageSCP
     from dicom_node.store.layout import NodeLayout
@@ -112,33 +118,35 @@ def run_ours(series: Path, work: Path, stream: bool) -> float:
 
     data_dir = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     settings = load_settings(overrides={"paths": {"data_dir": str(data_dir)}, "node": {
-        "bind": "127.0.0.1", "port": free_port(), "stream_to_disk": stream, "min_free_disk_mb": 0}}, environ={})
+        "bind": "127.0.0.1", "port": free_port(), "stream_to_disk": stream, "min_free_disk_mb": 0,
+        "receive_processes": processes, "max_associations": max(10, len(folders) + 2)}}, environ={})
     layout = NodeLayout.create(data_dir)
     store = StateStore(layout.state_db)
     scp = StorageSCP(settings, layout, store)
     scp.start()
     try:
-        seconds = send(scp.port, series)
+        seconds = send(scp.port, folders)
         received = len(list(layout.spool.glob("*/*/*.dcm")))
+        recorded = sum(len(store.instances(study.study_uid)) for study in store.studies())
     finally:
         scp.stop()
         store.close()
         shutil.rmtree(data_dir, ignore_errors=True)
-    expected = len(list(series.glob("*.dcm")))
-    if received != expected:
-        raise RuntimeError(f"our SCP spooled {received} of {expected} files")
+    expected = sum(len(list(folder.glob("*.dcm"))) for folder in folders)
+    if received != expected or recorded != expected:
+        raise RuntimeError(f"our SCP spooled {received} and recorded {recorded} of {expected} files")
     return seconds
 
 
-def run_dcmtk(series: Path, work: Path) -> float:
+def run_dcmtk(folders: list[Path], work: Path, *, fork: bool = False) -> float:
     out = Path(tempfile.mkdtemp(dir=work, prefix="dcmtk-"))
     port = free_port()
     log = open(work / f"storescp-{port}.log", "wb")
-    process = subprocess.Popen(["storescp", "-aet", "MEDFINDER", "-od", str(out), str(port)], stdout=log,
-                               stderr=subprocess.STDOUT, env=nodelay_env())
+    process = subprocess.Popen(["storescp", "-aet", "MEDFINDER", "-od", str(out), *(["--fork"] if fork else []),
+                                str(port)], stdout=log, stderr=subprocess.STDOUT, env=nodelay_env())
     try:
         wait_port(port)
-        seconds = send(port, series)
+        seconds = send(port, folders)
     finally:
         process.terminate()
         try:
@@ -147,9 +155,15 @@ def run_dcmtk(series: Path, work: Path) -> float:
             process.kill()
             process.wait(timeout=10)
         log.close()
-    received = len([p for p in out.iterdir() if p.is_file()])
+    deadline = time.monotonic() + 10  # --fork: a child may still be closing its last file
+    expected = sum(len(list(folder.glob("*.dcm"))) for folder in folders)
+    received = 0
+    while time.monotonic() < deadline:
+        received = len([p for p in out.iterdir() if p.is_file()])
+        if received >= expected:
+            break
+        time.sleep(0.05)
     shutil.rmtree(out, ignore_errors=True)
-    expected = len(list(series.glob("*.dcm")))
     if received != expected:
         raise RuntimeError(f"storescp wrote {received} of {expected} files")
     return seconds
@@ -159,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--associations", type=int, default=8, help="concurrent senders in the second part")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 2,
+                        help="node.receive_processes for ours with concurrent senders (default: the cores)")
+    parser.add_argument("--memory", action="store_true", help="also run ours without stream_to_disk")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("storescu", "storescp") if shutil.which(tool) is None]
@@ -167,35 +185,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("dicom_node").setLevel(logging.ERROR)  # the open allow-list warning, once per run
+    many = args.associations
     with tempfile.TemporaryDirectory(prefix="medfinder-receive-bench-") as tmp:
         work = Path(tmp)
-        series = work / "series"
-        total_bytes = generate_series(series, args.slices)
-        receivers = {"ours/stream": lambda: run_ours(series, work, True),
-                     "ours/memory": lambda: run_ours(series, work, False),
-                     "dcmtk": lambda: run_dcmtk(series, work)}
-        for run in receivers.values():  # warm-up: page cache, imports, dcmtk dictionaries
+        folders = [work / f"series-{index}" for index in range(max(1, many))]
+        sizes = [generate_series(folder, args.slices) for folder in folders]  # distinct studies: no duplicates
+        one = folders[:1]
+        receivers: dict[str, tuple[int, Any]] = {
+            "ours": (1, lambda: run_ours(one, work)),
+            "dcmtk": (1, lambda: run_dcmtk(one, work)),
+        }
+        if args.memory:
+            receivers["ours/memory"] = (1, lambda: run_ours(one, work, stream=False))
+        if many > 1:
+            receivers[f"ours x{many} ({args.processes} proc)"] = (
+                many, lambda: run_ours(folders, work, processes=args.processes))
+            receivers[f"ours x{many} (1 proc)"] = (many, lambda: run_ours(folders, work))
+            receivers[f"dcmtk x{many} --fork"] = (many, lambda: run_dcmtk(folders, work, fork=True))
+        for _, run in receivers.values():  # warm-up: page cache, imports, dcmtk dictionaries
             run()
         times: dict[str, list[float]] = {name: [] for name in receivers}
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every receiver alike
-            for name, run in receivers.items():
+            for name, (_, run) in receivers.items():
                 times[name].append(run())
-    megabytes = total_bytes / 1e6
     rows: dict[str, dict[str, Any]] = {}
     for name, seconds in times.items():
+        count = receivers[name][0]
         median = statistics.median(seconds)
-        rows[name] = {"seconds_median": median, "seconds": seconds, "mb_per_s": megabytes / median,
-                      "slices_per_s": args.slices / median}
+        megabytes = sum(sizes[:count]) / 1e6
+        rows[name] = {"associations": count, "seconds_median": median, "seconds": seconds,
+                      "mb_per_s": megabytes / median, "slices_per_s": args.slices * count / median}
+    reference = {1: rows["dcmtk"]["mb_per_s"]}
+    if many > 1:
+        reference[many] = rows[f"dcmtk x{many} --fork"]["mb_per_s"]
+    for row in rows.values():
+        row["ratio_vs_dcmtk"] = row["mb_per_s"] / reference[row["associations"]]
+    print(f"Receive throughput: {args.slices} slices 512x512 uint16 per association ({sizes[0] / 1e6:.1f} MB), "
+          f"storescu -> receiver on 127.0.0.1, TCP_NODELAY=1, median of {args.repeats}, {os.cpu_count()} cores")
+    print(f"{'receiver':24} {'assoc':>5} {'s':>7} {'MB/s':>8} {'slices/s':>9} {'vs dcmtk':>8}")
     for name, row in rows.items():
-        row["ratio_vs_dcmtk"] = row["mb_per_s"] / rows["dcmtk"]["mb_per_s"]
-    print(f"Receive throughput: {args.slices} slices 512x512 uint16 ({megabytes:.1f} MB), storescu -> receiver "
-          f"on 127.0.0.1, TCP_NODELAY=1, median of {args.repeats}")
-    print(f"{'receiver':12} {'s':>7} {'MB/s':>8} {'slices/s':>9} {'ours/dcmtk':>10}")
-    for name, row in rows.items():
-        print(f"{name:12} {row['seconds_median']:7.2f} {row['mb_per_s']:8.1f} {row['slices_per_s']:9.1f} "
-              f"{row['ratio_vs_dcmtk']:10.2f}")
-    result = {"benchmark": "receive_throughput", "slices": args.slices, "bytes": total_bytes,
-              "repeats": args.repeats, "python": sys.version.split()[0], "receivers": rows}
+        print(f"{name:24} {row['associations']:5d} {row['seconds_median']:7.2f} {row['mb_per_s']:8.1f} "
+              f"{row['slices_per_s']:9.1f} {row['ratio_vs_dcmtk']:8.2f}")
+    print("(vs dcmtk: one association against storescp; concurrent ones against storescp --fork)")
+    result = {"benchmark": "receive_throughput", "slices": args.slices, "bytes_per_association": sizes[0],
+              "repeats": args.repeats, "cores": os.cpu_count(), "python": sys.version.split()[0], "receivers": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -282,11 +282,13 @@ AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
 class AllowedSource(Section):
-    """A calling AE allowed to send, optionally bound to one source IP; ``port`` is where it takes results."""
+    """A calling AE allowed to send, optionally bound to one source IP; ``port`` is where it takes results
+    (over TLS when ``tls``: a sender that speaks TLS to us usually wants its results the same way)."""
 
     ae_title: AETitle
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
+    tls: bool = False  # results go back to this source over TLS (its certificate checked against node.tls.ca_file)
 
 
     @classmethod
@@ -366,6 +368,10 @@ class NodeSettings(Section):
     # Received objects go straight from the network to a file (constant memory for huge multi-frame objects)
     # instead of being held in memory until the C-STORE handler runs.
     stream_to_disk: bool = True
+    # Processes that answer storage associations besides the node's own (0 = all in the node's process): each
+    # uses a core of its own, so concurrent senders are not limited to one. Queries, report SRs and TLS stay in
+    # the node's process (dicom_node.receive.receivers).
+    receive_processes: int = Field(0, ge=0, le=64)
     # Storage classes other than CT / Enhanced CT: accept and discard them (PACS auto-routing rules are often
     # broad) or refuse them at association.
     other_storage: Literal["ignore", "refuse"] = "ignore"

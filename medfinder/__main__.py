@@ -2,4 +2,5 @@
 
 from medfinder.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # a spawned receiving process imports this module again (node.receive_processes)
+    raise SystemExit(main())

@@ -8,8 +8,11 @@ listener binds 127.0.0.1 on a free port; the node and storescp processes are sto
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -91,27 +94,35 @@ class TlsNode:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def node(pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNode]:
-    """`medfinder serve` with DICOM TLS (mutual: --tls-ca) and HTTPS on a free port each; no model bundle."""
+@contextlib.contextmanager
+def _tls_serve(config: Path, data_dir: Path, pki: dict[str, Path], *args: str) -> Iterator[TlsNode]:
+    """`medfinder serve --config CONFIG` (whose data folder is ``data_dir``) with DICOM TLS (mutual: --tls-ca) on
+    a free port, logging beside CONFIG; stopped when the context ends."""
     require_tools("echoscu", "storescu")
-    folder = tmp_path_factory.mktemp("tls-node")
-    config = write_node_config(folder / "node.yaml", folder / "data", None)
-    port, http_port, log = free_port(), free_port(), folder / "node.log"
+    port, log = free_port(), config.parent / "node.log"
+    http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else 0
     with open(log, "wb") as out:
         process = subprocess.Popen([str(VENV_BIN / "medfinder"), "serve", "--config", str(config), "--port", str(port),
                                     "--tls-cert", str(pki["node"]), "--tls-key", str(pki["node.key"]),
-                                    "--tls-ca", str(pki["ca"]), "--http-port", str(http_port),
-                                    "--set", "api.https=true"],
+                                    "--tls-ca", str(pki["ca"]), *args],
                                    cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: process.poll() is not None or _tls_echo(port, pki).returncode == 0, 60,
                  "the node to answer a TLS C-ECHO", interval=0.3)
         assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-        yield TlsNode(port, http_port, log, folder / "data")
+        yield TlsNode(port, http_port, log, data_dir)
     finally:
         stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def node(pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNode]:
+    """`medfinder serve` with DICOM TLS (mutual: --tls-ca) and HTTPS on a free port each; no model bundle."""
+    folder = tmp_path_factory.mktemp("tls-node")
+    config = write_node_config(folder / "node.yaml", folder / "data", None)
+    with _tls_serve(config, folder / "data", pki, "--http-port", str(free_port()), "--set", "api.https=true") as served:
+        yield served
 
 
 def test_good_client_echoes_and_stores_over_tls(node: TlsNode, pki: dict[str, Path], lung_ct_dir: Path) -> None:
@@ -269,3 +280,144 @@ def test_serve_refuses_https_without_a_certificate(tmp_path: Path) -> None:
                              "--http-port", str(free_port()), "--set", "api.https=true"], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
     assert result.returncode == 2 and "api.https needs node.tls" in result.stderr, result.stderr
+
+
+def _node_rows(data_dir: Path, sql: str) -> list[dict]:
+    """Rows of the node's state store, read beside the running node (nothing when it has none yet)."""
+    if not (data_dir / "state.sqlite3").is_file():
+        return []
+    with contextlib.closing(sqlite3.connect(data_dir / "state.sqlite3")) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(sql)]
+
+
+def _study_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_results_go_back_over_tls_to_an_allow_list_source(pki: dict[str, Path], tmp_path: Path, lung_ct_dir: Path,
+                                                          tiny_bundle: Path) -> None:
+    """No destinations: a study's SR and PDF go back to the allow-list entry of the AE that sent it. TLSSCU's entry
+    says tls: true, so they reach the dcmtk storescp over TLS (it checks our client certificate, we check its
+    certificate as 127.0.0.1); PLAINSCU's entry names the same TLS port with tls: false: plain TCP, not delivered."""
+    from model_export.registry import install_bundle
+
+    data_dir = tmp_path / "data"
+    install_bundle(tiny_bundle, data_dir, activate=True)
+    sr_port, inbox = free_port(), tmp_path / "sender"
+    allow = [{"ae_title": "TLSSCU", "host": "127.0.0.1", "port": sr_port, "tls": True},
+             {"ae_title": "PLAINSCU", "host": "127.0.0.1", "port": sr_port, "tls": False}]
+    config = write_node_config(tmp_path / "node.yaml", data_dir, None, node={"allow": allow, "delivery_attempts": 1})
+    tls_study = sorted((lung_ct_dir / "Lung_Dx-A0002_series2_B70f").glob("*.dcm"))
+    plain_study = sorted((lung_ct_dir / "Lung_Dx-A0001_series2_5mm").glob("*.dcm"))
+    peer_tls = ["+tls", str(pki["peer.key"]), str(pki["peer"]), "+cf", str(pki["ca"])]
+    with storescp(inbox, port=sr_port, options=peer_tls), _tls_serve(config, data_dir, pki) as served:
+        for calling_ae, files in (("TLSSCU", tls_study), ("PLAINSCU", plain_study)):
+            sent = storescu(served.port, files, calling_ae=calling_ae, extra=peer_tls)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+        query = "SELECT study_uid, ae_title, host, port, state, last_status FROM deliveries"
+        rows = wait_for(lambda: (found := _node_rows(data_dir, query)) and len(found) == 4
+                        and all(r["state"] != DeliveryState.PENDING for r in found) and found, 120,
+                        f"an SR and a PDF per study delivered or dead\n{served.log_text()[-3000:]}", interval=0.5)
+
+    by_ae = {ae: [r for r in rows if r["ae_title"] == ae] for ae in ("TLSSCU", "PLAINSCU")}
+    assert {(r["study_uid"], r["state"], r["last_status"]) for r in by_ae["TLSSCU"]} == {
+        (_study_uid(tls_study), DeliveryState.DELIVERED, "0x0000")}, rows
+    assert {(r["study_uid"], r["state"], r["last_status"]) for r in by_ae["PLAINSCU"]} == {
+        (_study_uid(plain_study), DeliveryState.DEAD, "no-association")}, rows
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in inbox.iterdir() if p.is_file()]
+    assert len(received) == 2 and {str(ds.StudyInstanceUID) for ds in received} == {_study_uid(tls_study)}
+    assert "1.2.840.10008.5.1.4.1.1.88.34" in {str(ds.SOPClassUID) for ds in received}, "the Comprehensive 3D SR"
+
+
+def test_an_allow_list_source_without_a_host_is_matched_by_title_and_port(pki: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """The entry names no host: the result goes to the sender's IP, and its rows there use TLS; a row to another
+    port of that AE, or to a configured plain destination at the same address, does not."""
+    from types import SimpleNamespace
+
+    from dicom_node.report.reporting import destinations_for
+
+    settings = load_settings(None, environ={}, overrides={"node": {
+        "allow": [{"ae_title": "MODALITY", "port": 4242, "tls": True}],
+        "tls": {"cert_file": str(pki["node"]), "key_file": str(pki["node.key"]), "ca_file": str(pki["ca"])}}})
+    study = SimpleNamespace(calling_ae="MODALITY", peer_ip="10.1.2.3")
+    (destination,) = destinations_for(settings, study)  # type: ignore[arg-type]
+    assert (destination.host, destination.port, destination.tls) == ("10.1.2.3", 4242, True)
+
+    with_plain_destination = settings.model_copy(deep=True)
+    with_plain_destination.node.destinations = [destination.model_copy(update={"tls": False})]
+    store = StateStore(tmp_path / "state.sqlite3")
+    try:
+        for ae_title, port in (("MODALITY", 4242), ("MODALITY", 4243)):
+            store.add_delivery("1.2.3", 1, f"1.2.3.{port}", tmp_path / "sr.dcm", f"{ae_title}:{port}", ae_title,
+                               "10.1.2.3", port)
+        rows = {row.port: row for row in store.deliveries()}
+        worker = DeliveryWorker(settings, store)
+        assert worker._tls_for(rows[4242]) is not None and worker._tls_for(rows[4243]) is None
+        assert DeliveryWorker(with_plain_destination, store)._tls_for(rows[4242]) is None
+    finally:
+        store.close()
+
+
+def _orthanc_tls_pacs(folder: Path, pki: dict[str, Path], http_port: int, dicom_port: int) -> Path:
+    """An Orthanc configuration: AE PACS speaking DICOM TLS only (the peer certificate, client certificates
+    signed by the test CA required), C-FIND and C-GET for any calling AE."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"Name": "tls-pacs", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+              "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "PACS", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [], "DicomAlwaysAllowFind": True,
+              "DicomAlwaysAllowGet": True, "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki["peer"]),
+              "DicomTlsPrivateKey": str(pki["peer.key"]), "DicomTlsTrustedCertificates": str(pki["ca"]),
+              "DicomTlsRemoteCertificateRequired": True}
+    path = folder / "orthanc.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def _backfill(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "medfinder"), "backfill", "--config", str(config), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          check=False)
+
+
+def test_backfill_over_tls_from_a_tls_pacs_into_the_tls_node(node: TlsNode, pki: dict[str, Path], tmp_path: Path,
+                                                             shared_data: Path) -> None:
+    """dcmqrscp has no TLS options (dcmtk 3.6.7), so Debian Orthanc with DICOM TLS is the PACS. `--tls --method
+    get`: C-FIND and C-GET over TLS (our node certificate presented, Orthanc's checked as 127.0.0.1), each object
+    C-STOREd on to the TLS node over TLS; every instance arrives. Without --tls the association fails with a clear
+    message; --tls with no node.tls certificate and CA is refused before any association."""
+    from orthanc_helpers import orthanc_server
+
+    head = tmp_path / "head"
+    head.mkdir()
+    for path in sorted((shared_data / "ct" / "dcm_qa_ct-ge-head").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = "20240103"  # the fixture has none; the backfill asks day by day
+        ds.save_as(head / path.name, enforce_file_format=True)
+    files = sorted(head.glob("*.dcm"))
+    study_uid = _study_uid(files)
+    tls = {"cert_file": str(pki["node"]), "key_file": str(pki["node.key"]), "ca_file": str(pki["ca"])}
+    with_tls = write_node_config(tmp_path / "backfill.yaml", node.data_dir, None, node={"port": node.port, "tls": tls})
+    without_tls = write_node_config(tmp_path / "no-tls.yaml", node.data_dir, None, node={"port": node.port})
+    days = ("--since", "20240101", "--until", "20240105", "--method", "get")
+    http_port, dicom_port = free_port(), free_port()
+    with orthanc_server(_orthanc_tls_pacs(tmp_path / "orthanc", pki, http_port, dicom_port), http_port,
+                        tmp_path / "orthanc.log"):
+        for path in files:
+            assert httpx.post(f"http://127.0.0.1:{http_port}/instances", content=path.read_bytes(),
+                              timeout=60).status_code == 200
+        source = ("--from", f"PACS@127.0.0.1:{dicom_port}")
+
+        refused = _backfill(without_tls, *source, "--tls", *days)
+        assert refused.returncode == 2 and "set node.tls.ca_file" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
+        plain = _backfill(with_tls, *source, *days)
+        assert plain.returncode == 2 and "refused or did not answer" in plain.stderr, plain.stderr
+        assert _node_rows(node.data_dir, f"SELECT * FROM studies WHERE study_uid = '{study_uid}'") == []
+
+        result = _backfill(with_tls, *source, "--tls", *days)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "1 asked for, 1 complete" in result.stdout, result.stdout
+    (study,) = _node_rows(node.data_dir, f"SELECT n_instances FROM studies WHERE study_uid = '{study_uid}'")
+    assert study["n_instances"] == len(files)

@@ -2,13 +2,16 @@
 
 Run it beside ``medfinder serve`` with the same ``--config`` / ``--data-dir`` (it reads the node's AE title, port
 and state store from them). For C-MOVE the PACS must know the node's AE title and address; for C-GET and
-``--from-orthanc`` the node's allow-list must admit ``backfill.calling_ae_title``.
+``--from-orthanc`` the node's allow-list must admit ``backfill.calling_ae_title``. With ``--tls`` the PACS is
+reached over DICOM TLS; C-GET and Orthanc objects go on to the node over TLS when the node's SCP speaks it; both
+use ``node.tls`` (its CA checks the peer, its certificate is ours).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import date, timedelta
 from pathlib import Path
@@ -34,6 +37,22 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def tls_problem(settings: Settings, pacs_tls: bool, forwards: bool) -> str | None:
+    """Why this run's TLS cannot work, said before any association (a TLS PACS, or a TLS node that C-GET or
+    Orthanc objects are forwarded to, needs ``node.tls``'s files), or None."""
+    tls = settings.node.tls
+    for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file), ("ca_file", tls.ca_file)):
+        if path and not os.path.isfile(path):
+            return f"node.tls.{name}: no such file: {path}"
+    if pacs_tls and not (tls.enabled and tls.ca_file):
+        return ("--tls: the PACS is reached over DICOM TLS with node.tls: set node.tls.ca_file (the CA that signed "
+                "the PACS certificate) and node.tls.cert_file / key_file (ours), in --config or with --set")
+    if forwards and tls.enabled and not tls.ca_file:
+        return ("the node speaks DICOM TLS: node.tls.ca_file must name the CA that signed its certificate, so that "
+                "objects can be forwarded to it over TLS")
+    return None
+
+
 def backfill_settings(args: argparse.Namespace) -> Settings:
     """The node's settings (``--config``, ``--set``, ``--data-dir``) with this run's flags on ``backfill``."""
     from dicom_node.cli import node_settings
@@ -57,6 +76,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from dicom_node.backfill.schedule import DailyWindow, Pacer
     from dicom_node.cli import CHATTY_LOGGERS
     from dicom_node.store.state import StateStore
+    from dicom_node.tls import client_context
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -80,7 +100,20 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"medfinder backfill: no node data in {data_dir} (start `medfinder serve` with this --data-dir / "
               f"--config first: the backfill fills a running node)", file=sys.stderr)
         return 2
-    node = NodeAddress.from_settings(settings)
+    pacs = args.source.model_copy(update={"tls": True}) if args.source is not None and args.tls else args.source
+    forwards = args.from_orthanc is not None or config.method == "get"
+    problem = tls_problem(settings, pacs is not None and pacs.tls, forwards)
+    if problem is None and args.tls and pacs is None:
+        problem = "--tls is for a DICOM PACS (--from), not for --from-orthanc"
+    if problem is not None:
+        print(f"medfinder backfill: {problem}", file=sys.stderr)
+        return 2
+    try:
+        node = NodeAddress.from_settings(settings)
+        pacs_tls = client_context(settings.node.tls) if pacs is not None and pacs.tls else None
+    except OSError as error:  # ssl.SSLError included: a PEM file that does not parse, a key that does not match
+        print(f"medfinder backfill: node.tls: {error}", file=sys.stderr)
+        return 2
     if args.from_orthanc is not None:
         try:
             source: Any = OrthancSource(args.from_orthanc, node, config.calling_ae_title, config.dimse_timeout_s,
@@ -91,7 +124,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             return 2
         method = source.method
     else:
-        source = DimseSource(args.source, config.calling_ae_title, node, config.method, config.dimse_timeout_s)
+        source = DimseSource(pacs, config.calling_ae_title, node, config.method, config.dimse_timeout_s,
+                             tls=pacs_tls)
         method = config.method
     request = BackfillRequest(since=since, until=until, modality=config.modality, method=method, limit=args.limit,
                               dry_run=args.dry_run, report=config.report,
@@ -159,6 +193,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="run (default) or status")
     backfill.add_argument("--from", dest="source", type=_source, metavar="AET@HOST:PORT",
                           help="the PACS (Study Root Q/R); for C-MOVE it must know the node's AE title")
+    backfill.add_argument("--tls", action="store_true",
+                          help="reach the --from PACS over DICOM TLS: node.tls.ca_file checks its certificate "
+                               "(which must name HOST), node.tls.cert_file/key_file are ours")
     backfill.add_argument("--from-orthanc", metavar="URL", help="an Orthanc's REST root, for sites without Q/R rights")
     backfill.add_argument("--orthanc-user", help="Orthanc user (HTTP basic auth)")
     backfill.add_argument("--orthanc-password-file", help="file holding that user's password")

@@ -5,11 +5,15 @@ Not every PACS answers every key: dcmqrscp, for one, ignores ``ModalitiesInStudy
 ``NumberOfStudyRelatedInstances``. So a study whose answer lacks the modalities is checked at SERIES level
 (``Modality``), and one without an instance count is counted at IMAGE level, on the same association. Only
 the keys the backfill needs are asked for (no patient attributes: they are not needed and stay out of logs).
+
+A PACS with ``tls: true`` is reached over TLS (BCP 195, :func:`dicom_node.tls.client_context` from ``node.tls``):
+its certificate must name ``pacs.host`` and be signed by ``node.tls.ca_file``; the node's certificate is ours.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -66,11 +70,15 @@ def _comment(dataset: Dataset | None) -> str:
 
 class DimseSource:
     """A PACS reached as AET@HOST:PORT by our calling AE; ``method`` is ``move`` (to the node's AE title, which
-    the PACS must know) or ``get`` (objects come back here and are forwarded to the node)."""
+    the PACS must know) or ``get`` (objects come back here and are forwarded to the node); ``tls`` is the client
+    context, required when ``pacs.tls`` (a TLS PACS refuses plain associations, so none is tried)."""
 
     def __init__(self, pacs: Destination, calling_ae_title: str, node: NodeAddress, method: str,
-                 timeout_s: float) -> None:
+                 timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
+        if pacs.tls and tls is None:
+            raise ValueError(f"the PACS {pacs.label} is reached over TLS: a client TLS context is needed")
         self.pacs = pacs
+        self.tls = tls if pacs.tls else None
         self.calling_ae_title = calling_ae_title
         self.node = node
         self.method = method
@@ -86,10 +94,13 @@ class DimseSource:
         return ae
 
     def _associate(self, ae: AE, **kwargs: Any) -> Any:
-        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, **kwargs)
+        tls_args = (self.tls, self.pacs.host) if self.tls is not None else None
+        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, tls_args=tls_args, **kwargs)
         if not assoc.is_established:
+            tls_hint = (f" over TLS (its certificate must name {self.pacs.host} and be signed by node.tls.ca_file; "
+                        f"the log has the handshake error)" if self.tls is not None and not assoc.is_rejected else "")
             raise PacsError(f"the PACS {self.pacs.label} refused or did not answer an association from AE title "
-                            f"{self.calling_ae_title!r}")
+                            f"{self.calling_ae_title!r}{tls_hint}")
         return assoc
 
     # --- C-FIND ---------------------------------------------------------------------------------------

@@ -3,14 +3,17 @@ from the PACS, downloads from Orthanc's REST API).
 
 One association to the node is held open for a whole study. Each CT storage class is proposed once per transfer
 syntax the node accepts (one syntax per context), so an object goes out exactly as the source encoded it.
-Objects of other classes are not sent: the node keeps CT only (``node.other_storage``).
+Objects of other classes are not sent: the node keeps CT only (``node.other_storage``). When the node's SCP speaks
+TLS (``node.tls``) so does this association: the node's certificate is checked against ``node.tls.ca_file`` and
+the node's own certificate is presented as ours (the SCP requires a client certificate when a CA is set).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import pydicom
@@ -20,6 +23,7 @@ from pynetdicom import AE
 from config.settings import Settings
 from dicom_node.receive.codecs import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.receive.ingest import CT_STORAGE_CLASSES
+from dicom_node.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +37,20 @@ class ForwardError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeAddress:
-    """Where the node's SCP listens, from its settings: a wildcard bind is reached on 127.0.0.1."""
+    """Where the node's SCP listens, from its settings: a wildcard bind is reached on 127.0.0.1; ``tls`` is the
+    client context when the SCP speaks TLS (its certificate must then name ``host``)."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NodeAddress:
+        """Raises OSError/ssl.SSLError when ``node.tls`` names unreadable files."""
         node = settings.node
         host = node.bind if node.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        return cls(node.ae_title, host, node.port)
+        return cls(node.ae_title, host, node.port, client_context(node.tls) if node.tls.enabled else None)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -65,10 +72,14 @@ class NodeSender:
         self.skipped = 0  # objects of a class the node does not keep
 
     def __enter__(self) -> Self:
-        assoc = self._ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title)
+        tls = self.node.tls
+        assoc = self._ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title,
+                                   tls_args=(tls, self.node.host) if tls is not None else None)
         if not assoc.is_established:
+            tls_hint = (f"; over TLS its certificate must name {self.node.host} and be signed by node.tls.ca_file"
+                        if tls is not None and not assoc.is_rejected else "")
             raise ForwardError(f"the node {self.node} refused the association (is `medfinder serve` running, and "
-                               f"does node.allow admit AE title {self._ae.ae_title!r}?)")
+                               f"does node.allow admit AE title {self._ae.ae_title!r}{tls_hint}?)")
         self._assoc = assoc
         return self
 

@@ -10,9 +10,10 @@ propose everything) with Explicit and Implicit VR Little Endian. The file is sen
 peer accepts its transfer syntax, else re-encoded to the accepted one. Warning statuses (0xB000 coercion,
 0xB006 elements discarded, 0xB007 data set does not match SOP class) mean the PACS stored it: delivered.
 
-Destinations with ``tls: true`` are reached over TLS (BCP 195, :func:`dicom_node.tls.client_context`): their
-certificate is checked against ``node.tls.ca_file`` and must name the configured host (DNS name or IP address);
-ours is presented for peers that require client certificates. A TLS failure is a failed attempt (retried).
+Destinations with ``tls: true``, and senders in ``node.allow`` with ``tls: true`` that take their results back,
+are reached over TLS (BCP 195, :func:`dicom_node.tls.client_context`): their certificate is checked against
+``node.tls.ca_file`` and must name the row's host (DNS name or IP address); ours is presented for peers that
+require client certificates. A TLS failure is a failed attempt (retried).
 """
 
 from __future__ import annotations
@@ -110,13 +111,24 @@ class DeliveryWorker:
     def __init__(self, settings: Settings, store: StateStore) -> None:
         self.settings = settings
         self.store = store
-        # A row keeps the peer's address only: whether it speaks TLS is read from the configured destinations
-        self._tls_peers = {(d.ae_title, d.host, d.port) for d in settings.node.destinations if d.tls}
+        # A row keeps the peer's address only: whether it speaks TLS is read from the configured destinations,
+        # else from the allow-list entry the results went back to (its host is the sender's IP when it names none)
+        self._destination_tls = {(d.ae_title, d.host, d.port): d.tls for d in settings.node.destinations}
+        self._tls_sources = [(s.ae_title, s.host, s.port) for s in settings.node.allow if s.tls and s.port]
         self._tls_context: ssl.SSLContext | None = None
 
+    def _wants_tls(self, row: DeliveryRow) -> bool:
+        """A configured destination decides for its own address; else a ``tls: true`` allow-list source that
+        matches the row's AE title and port (and host, when the entry names one)."""
+        decided = self._destination_tls.get((row.ae_title, row.host, row.port))
+        if decided is not None:
+            return decided
+        return any(ae_title == row.ae_title and port == row.port and host in (None, row.host)
+                   for ae_title, host, port in self._tls_sources)
+
     def _tls_for(self, row: DeliveryRow) -> ssl.SSLContext | None:
-        """The client TLS context when ``row`` goes to a ``tls: true`` destination (built once, on first use)."""
-        if (row.ae_title, row.host, row.port) not in self._tls_peers:
+        """The client TLS context when ``row`` goes to a TLS peer (built once, on first use)."""
+        if not self._wants_tls(row):
             return None
         if self._tls_context is None:
             self._tls_context = client_context(self.settings.node.tls)

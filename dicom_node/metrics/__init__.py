@@ -3,8 +3,14 @@ things happen (:mod:`.events`), and gauges read from the state store, the index 
 (:mod:`.collector`), so that nothing has to keep them up to date."""
 
 from dicom_node.metrics.collector import CollectionsProbe, CollectionView, NodeCollector, node_collections
-from dicom_node.metrics.events import count_store, observe_embed, observe_query
+from dicom_node.metrics.events import (
+    count_routed_associations,
+    count_store,
+    observe_embed,
+    observe_query,
+    routed_associations,
+)
 from dicom_node.metrics.registry import metrics_registry
 
-__all__ = ["CollectionView", "CollectionsProbe", "NodeCollector", "count_store", "metrics_registry",
-           "node_collections", "observe_embed", "observe_query"]
+__all__ = ["CollectionView", "CollectionsProbe", "NodeCollector", "count_routed_associations", "count_store",
+           "metrics_registry", "node_collections", "observe_embed", "observe_query", "routed_associations"]

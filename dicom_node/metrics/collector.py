@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pynetdicom.association import Association
 
+from dicom_node.metrics.events import routed_associations
 from dicom_node.store.state import DeliveryState, StudyState
 from workers.index import VectorIndex
 
@@ -113,6 +114,7 @@ class NodeCollector(Collector):
         for thread in threading.enumerate():
             if isinstance(thread, Association) and thread.is_established:
                 open_now["scp" if thread.is_acceptor else "scu"] += 1
+        open_now["scp"] += routed_associations()  # answered by receiving processes
         family = GaugeMetricFamily("medfinder_dicom_associations", "DICOM associations open now: scp (peers "
                                    "sending or querying) and scu (deliveries, backfill)", labels=["role"])
         for role, count in open_now.items():

@@ -9,7 +9,7 @@ statuses, kinds and stage names only, never a UID.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 from prometheus_client import Counter, Histogram, disable_created_metrics
@@ -62,6 +62,21 @@ class CollectedOutcome(Protocol):
 
     status: object  # EmbedStatus (a str enum)
     timings: Mapping[str, float]
+
+
+# Associations answered by receiving processes (dicom_node.receive.receivers), which pynetdicom's threads here do not
+# show: each pool registers how many it holds open.
+_ROUTED_ASSOCIATIONS: list[Callable[[], int]] = []
+
+
+def count_routed_associations(open_now: Callable[[], int]) -> Callable[[], None]:
+    """Count ``open_now()`` into the open-association gauge until the returned function is called."""
+    _ROUTED_ASSOCIATIONS.append(open_now)
+    return lambda: _ROUTED_ASSOCIATIONS.remove(open_now)
+
+
+def routed_associations() -> int:
+    return sum(open_now() for open_now in list(_ROUTED_ASSOCIATIONS))
 
 
 def count_store(answer: StoreAnswer) -> None:

@@ -137,6 +137,14 @@ class Ingestor:
         return self._ingest(None, Path(path), calling_ae=calling_ae, peer_ip=peer_ip,
                             sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
 
+    def count(self, outcome: IngestOutcome) -> None:
+        """Count an answer given elsewhere (a receiving process, dicom_node.receive.receivers)."""
+        if outcome.ok:
+            self._count("ignored" if outcome.ignored else "duplicate" if outcome.duplicate else "stored")
+        else:
+            self._count({STATUS_OUT_OF_RESOURCES: "out_of_resources",
+                         STATUS_PROCESSING_FAILURE: "failed"}.get(outcome.status, "refused"))
+
     def is_ct_class(self, sop_class_uid: str) -> bool:
         return sop_class_uid in CT_STORAGE_CLASSES
 
@@ -284,6 +292,8 @@ def reconcile_spool(layout: NodeLayout, store: StateStore, *, quiet_seconds: flo
     """
     for part in layout.spool.glob("**/.*.part"):
         part.unlink(missing_ok=True)
+    for partial_object in layout.incoming.glob("*"):  # received in part when the node stopped; the sender resends
+        partial_object.unlink(missing_ok=True)
     recorded = 0
     for path in sorted(layout.spool.glob("*/*/*.dcm")):
         if store.known_instance(path.stem):

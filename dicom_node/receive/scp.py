@@ -38,7 +38,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -46,8 +52,16 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from config.settings import AllowedSource, Settings
 from dicom_node.metrics import count_store
 from dicom_node.query.service import FindService
+from dicom_node.receive.acceptor import tune_association
 from dicom_node.receive.codecs import ACCEPTED_TRANSFER_SYNTAXES, check_decoders
-from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor
+from dicom_node.receive.ingest import CT_STORAGE_CLASSES, Ingestor, IngestOutcome
+from dicom_node.receive.receivers import (
+    DetachedAssociationServer,
+    ReceiverPool,
+    RoutedConnection,
+    RoutingAssociationServer,
+    StoreAnswered,
+)
 from dicom_node.receive.tls_server import TlsAssociationServer
 from dicom_node.store.layout import NodeLayout
 from dicom_node.store.state import InstanceRecord, StateStore
@@ -125,12 +139,23 @@ class _SourceCheckingACSE(ACSE):
 
     policy: SourcePolicy
     called_titles: frozenset[str] = frozenset()
+    routed_open: Callable[[], int] | None = None  # associations receiving processes hold (node.receive_processes)
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
         calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
         peer_ip = str(self.requestor.address)
         why = self.policy.refusal(calling_ae, peer_ip)
+        if why is None and self._over_limit():
+            # pynetdicom counts this process's associations only; the limit is the node's, routed ones included.
+            # Rejected-transient, source: service provider (presentation), reason: local limit exceeded.
+            logger.warning("event=association_rejected calling_ae=%s peer_ip=%s reason='local limit exceeded'",
+                           calling_ae, peer_ip)
+            self.requestor.ae_title = calling_ae
+            self.send_reject(0x02, 0x03, 0x02)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         if why is None:
             called_ae = str(getattr(request, "called_ae_title", "") or "").strip()
             if called_ae in self.called_titles:
@@ -144,9 +169,19 @@ class _SourceCheckingACSE(ACSE):
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 
+    def _over_limit(self) -> bool:
+        if self.routed_open is None:
+            return False
+        acceptors = [assoc for assoc in self.assoc.ae.active_associations if assoc.is_acceptor]
+        return len(acceptors) + self.routed_open() > self.assoc.ae.maximum_associations
 
-def _request_handler(policy: SourcePolicy, called_titles: frozenset[str]) -> type[RequestHandler]:
-    """A pynetdicom request handler whose associations use :class:`_SourceCheckingACSE`."""
+
+def _request_handler(policy: SourcePolicy, called_titles: frozenset[str], *,
+                     routed_open: Callable[[], int] | None = None,
+                     on_create: Callable[[Any, socket.socket], None] | None = None,
+                     incoming_dir: Path | None = None) -> type[RequestHandler]:
+    """A pynetdicom request handler whose associations use :class:`_SourceCheckingACSE`; ``on_create`` sees each
+    new association with its connection."""
 
     class SourceCheckingRequestHandler(RequestHandler):
         def _create_association(self) -> Any:
@@ -154,13 +189,29 @@ def _request_handler(policy: SourcePolicy, called_titles: frozenset[str]) -> typ
             # to a peer that delays its ACKs waits ~40 ms (a C-FIND pending response, twice per round trip).
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             assoc = super()._create_association()
+            tune_association(assoc, incoming_dir)
             acse = _SourceCheckingACSE(assoc)
             acse.policy = policy
             acse.called_titles = called_titles
+            acse.routed_open = routed_open
             assoc.acse = acse
+            if on_create is not None:
+                on_create(assoc, self.request)
             return assoc
 
     return SourceCheckingRequestHandler
+
+
+class _SharedContexts(list):  # type: ignore[type-arg]
+    """The server's presentation contexts, given to each new association without a copy.
+
+    pynetdicom deep-copies the server's contexts for every association it accepts; with ``other_storage: ignore``
+    that is ~170 contexts with all their transfer syntaxes, ~60 ms of CPU per association (measured). Acceptor
+    negotiation only reads them (it builds new result contexts), so every association can share one list.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
 
 
 class StorageSCP:
@@ -180,7 +231,12 @@ class StorageSCP:
         self._ae: AE | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._in_flight: dict[int, set[str]] = {}  # id(association) -> study UIDs it stored
+        self._in_flight: dict[Any, set[str]] = {}  # id(association), or a routed one's number -> study UIDs
+        self.receivers: ReceiverPool | None = None  # node.receive_processes > 0 (plain TCP)
+        # In a receiving process: the number the node gave each routed association, and where answers go.
+        self._routed: dict[int, int] = {}  # id(connection), then id(association) -> the node's number
+        self._on_answer: Callable[[StoreAnswered], None] | None = None
+        self._on_ended: Callable[[int], None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -226,36 +282,130 @@ class StorageSCP:
                            "hint='set node.allow or --allow-ae AET[@IP]'")
         # pynetdicom's switch is process-wide: one process runs one StorageSCP (tests run them one at a time).
         _config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
+        _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-PDU/DIMSE log handlers: DEBUG detail we never keep
+        self.layout.incoming.mkdir(parents=True, exist_ok=True)  # a data folder from before it existed
         ae = self.build_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_C_FIND, self.find.handle),
-                    (evt.EVT_CONN_CLOSE, self._on_conn_close)]
-        request_handler = _request_handler(self.policy, self.find.called_titles)
         # TLS (node.tls): handshakes in the connections' threads (dicom_node.receive.tls_server)
         ssl_context = server_context(node.tls) if node.tls.enabled else None
-        server = ae.make_server((node.bind, node.port), evt_handlers=handlers, ssl_context=ssl_context,
-                                server_class=TlsAssociationServer if ssl_context else ThreadedAssociationServer,
-                                request_handler=request_handler)
+        if node.receive_processes and ssl_context is None:
+            self.receivers = ReceiverPool(self.settings, self.layout.root, self._routable_classes(ae),
+                                          self._routed_answer, self._routed_ended)
+            self.receivers.start(node.receive_processes)
+        elif node.receive_processes:
+            logger.warning("event=receive_processes_off reason='TLS connections are answered in the node process'")
+        request_handler = _request_handler(self.policy, self.find.called_titles, routed_open=(
+            self.receivers.open_associations if self.receivers else None), incoming_dir=self.layout.incoming)
+        server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer
+        if ssl_context is not None:
+            server_class = TlsAssociationServer
+        elif self.receivers is not None:
+            server_class = RoutingAssociationServer
+        server = ae.make_server((node.bind, node.port), evt_handlers=self._handlers(), ssl_context=ssl_context,
+                                server_class=server_class, request_handler=request_handler)
+        server.contexts = _SharedContexts(server.contexts)
         if isinstance(server, TlsAssociationServer):
             server.handshake_timeout_s = node.acse_timeout_s
+        if isinstance(server, RoutingAssociationServer):
+            assert self.receivers is not None
+            server.receivers = self.receivers
+            server.peek_timeout_s = node.acse_timeout_s
         ae._servers.append(server)  # as ae.start_server() does, so that server.shutdown() and ae.shutdown() work
         self._ae = ae
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         self._thread.start()
         logger.info("event=scp_ready ae_title=%s similar_ae_title=%s bind=%s port=%d allow=%d other_storage=%s "
-                    "max_associations=%d tls=%s", node.ae_title, self.find.similar_title, node.bind, self.port,
-                    len(node.allow), node.other_storage, node.max_associations,
-                    ("mutual" if node.tls.ca_file else "server-only") if ssl_context else "off")
+                    "max_associations=%d tls=%s receive_processes=%d", node.ae_title, self.find.similar_title,
+                    node.bind, self.port, len(node.allow), node.other_storage, node.max_associations,
+                    ("mutual" if node.tls.ca_file else "server-only") if ssl_context else "off",
+                    node.receive_processes if self.receivers else 0)
+
+    def _handlers(self) -> list[Any]:
+        return [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_C_FIND, self.find.handle),
+                (evt.EVT_CONN_CLOSE, self._on_conn_close)]
+
+    def _routable_classes(self, ae: AE) -> set[str]:
+        """What a receiving process may answer: the storage classes kept or ignored, and verification."""
+        reports = set(REPORT_SR_CLASSES) if self.ingestor.reports is not None else set()
+        return {str(context.abstract_syntax) for context in ae.supported_contexts
+                if str(context.abstract_syntax) != StudyRootQueryRetrieveInformationModelFind
+                and str(context.abstract_syntax) not in reports}
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
         assert self._ae is not None
+        if isinstance(server, DetachedAssociationServer):  # a receiving process: nothing listens
+            for assoc in server.active_associations:
+                assoc.abort()
+            server.server_close()
+            return
         self._ae.shutdown()  # aborts open associations, stops and closes the listening socket
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         logger.info("event=scp_stopped counts=%s", dict(self.ingestor.counts))
+
+    # --- receiving processes (dicom_node.receive.receivers) --------------------------------------------
+
+    def serve_routed(self, on_answer: Callable[[StoreAnswered], None], on_ended: Callable[[int], None]) -> None:
+        """In a receiving process: get ready to answer the connections the node routes here."""
+        node = self.settings.node
+        check_decoders()
+        _config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
+        _config.LOG_HANDLER_LEVEL = "none"
+        self.layout.incoming.mkdir(parents=True, exist_ok=True)
+        ae = self.build_ae()
+        ae.maximum_associations = node.max_associations  # the node enforces the limit before routing
+        self._on_answer, self._on_ended = on_answer, on_ended
+        request_handler = _request_handler(self.policy, self.find.called_titles, on_create=self._routed_created,
+                                           incoming_dir=self.layout.incoming)
+        server = DetachedAssociationServer(ae, (node.bind, node.port), ae.ae_title, ae.supported_contexts,
+                                           evt_handlers=self._handlers(), request_handler=request_handler)
+        server.contexts = _SharedContexts(server.contexts)
+        ae._servers.append(server)
+        self._ae, self._server = ae, server
+
+    def answer_routed(self, connection: socket.socket, routed: RoutedConnection) -> None:
+        """In a receiving process: run the association on ``connection`` (in its own thread)."""
+        assert isinstance(self._server, DetachedAssociationServer)
+        with self._lock:
+            self._routed[id(connection)] = routed.association
+        self._server.server_address = connection.getsockname()
+        self._server.process_request(connection, routed.peer)
+
+    def _routed_created(self, assoc: Any, connection: socket.socket) -> None:
+        with self._lock:
+            number = self._routed.pop(id(connection), None)
+            if number is not None:
+                self._routed[id(assoc)] = number
+
+    def _routed_answer(self, answer: StoreAnswered) -> None:
+        """In the node: a receiving process answered a C-STORE."""
+        outcome = IngestOutcome(answer.status, record=answer.record, duplicate=answer.duplicate,
+                                ignored=answer.ignored)
+        self.ingestor.count(outcome)
+        self._answered(("routed", answer.association), outcome)
+
+    def _answered(self, association: Any, outcome: IngestOutcome) -> None:
+        """What follows every C-STORE answer, here or in a receiving process: studies in flight, listener,
+        metrics."""
+        if outcome.ok and outcome.record is not None:
+            with self._lock:
+                self._in_flight.setdefault(association, set()).add(outcome.record.study_uid)
+            if not outcome.duplicate and self.on_stored is not None:
+                try:
+                    self.on_stored(outcome.record)
+                except Exception:  # noqa: BLE001 - the object is stored; a listener's bug must not fail it
+                    logger.exception("event=on_stored_error sop_uid=%s", outcome.record.sop_uid)
+        count_store(outcome)  # metrics: instances by outcome and status
+
+    def _routed_ended(self, association: int) -> None:
+        with self._lock:
+            self._in_flight.pop(("routed", association), None)
 
     def studies_in_flight(self) -> set[str]:
         """Study UIDs that received instances on associations still open (not yet complete)."""
@@ -284,15 +434,13 @@ class StorageSCP:
             logger.exception("event=store_error calling_ae=%s sop_uid=%s", calling_ae,
                              arguments["sop_instance_uid"])
             outcome = self.ingestor.fail_unexpected(source, error, **arguments)
-        if outcome.ok and outcome.record is not None:
+        self._answered(id(assoc), outcome)
+        if self._on_answer is not None:  # a receiving process: tell the node
             with self._lock:
-                self._in_flight.setdefault(id(assoc), set()).add(outcome.record.study_uid)
-            if not outcome.duplicate and self.on_stored is not None:
-                try:
-                    self.on_stored(outcome.record)
-                except Exception:  # noqa: BLE001 - the object is stored; a listener's bug must not fail it
-                    logger.exception("event=on_stored_error sop_uid=%s", outcome.record.sop_uid)
-        count_store(outcome)  # metrics: instances by outcome and status
+                number = self._routed.get(id(assoc))
+            if number is not None:
+                self._on_answer(StoreAnswered(number, outcome.status, outcome.duplicate, outcome.ignored,
+                                              outcome.record if outcome.ok else None))
         response = Dataset()
         response.Status = outcome.status
         if outcome.comment and not outcome.ok:
@@ -302,6 +450,9 @@ class StorageSCP:
     def _on_conn_close(self, event: Any) -> None:
         with self._lock:
             studies = self._in_flight.pop(id(event.assoc), None)
+            number = self._routed.pop(id(event.assoc), None)
+        if number is not None and self._on_ended is not None:
+            self._on_ended(number)
         if studies:
             logger.info("event=association_closed calling_ae=%s peer_ip=%s studies=%d",
                         str(event.assoc.requestor.ae_title).strip(), event.assoc.requestor.address, len(studies))

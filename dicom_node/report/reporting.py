@@ -49,14 +49,15 @@ class ReportResult:
 
 
 def destinations_for(settings: Settings, study: StudyRow) -> list[Destination]:
-    """Configured destinations, else the sending source when its address is configured in ``node.allow``."""
+    """Configured destinations, else the sending source when its address is configured in ``node.allow`` (over
+    TLS when that entry says ``tls``)."""
     if settings.node.destinations:
         return list(settings.node.destinations)
     for source in settings.node.allow:
         if source.ae_title == study.calling_ae and source.port is not None:
             host = source.host or study.peer_ip
             if host:
-                return [Destination(ae_title=source.ae_title, host=host, port=source.port)]
+                return [Destination(ae_title=source.ae_title, host=host, port=source.port, tls=source.tls)]
     return []
 
 

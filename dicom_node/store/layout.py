@@ -34,7 +34,8 @@ class NodeLayout:
     @classmethod
     def create(cls, root: Path | str) -> "NodeLayout":
         layout = cls(Path(root).resolve())
-        for folder in (layout.spool, layout.quarantine, layout.outcomes, layout.results, layout.index):
+        for folder in (layout.spool, layout.incoming, layout.quarantine, layout.outcomes, layout.results,
+                       layout.index):
             folder.mkdir(parents=True, exist_ok=True)
         layout.reports.mkdir(mode=0o700, parents=True, exist_ok=True)
         return layout
@@ -42,6 +43,11 @@ class NodeLayout:
     @property
     def spool(self) -> Path:
         return self.root / "spool"
+
+    @property
+    def incoming(self) -> Path:
+        """Objects being received, before they are checked and moved into the spool or quarantine."""
+        return self.root / "incoming"
 
     @property
     def quarantine(self) -> Path:
