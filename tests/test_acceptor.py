@@ -11,11 +11,10 @@ import os
 import socket
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from fuzz_objects import Generator, ct_dataset
+from fuzz_objects import ct_dataset
 from node_helpers import dataset_bytes, echoscu, require_tools, storescu, wait_for
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -26,7 +25,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from receive_helpers import running_scp
 
-from dicom_node.receive import acceptor, header_check
+from dicom_node.receive import acceptor
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -222,30 +221,3 @@ def test_quick_store_file_header_is_pynetdicoms() -> None:
         assert acceptor.store_file_header(UID(class_uid), UID(instance_uid), UID(syntax)) == _pynetdicom_header(
             class_uid, instance_uid, syntax)
     assert acceptor.store_file_header(UID(CTImageStorage), UID(""), UID(ExplicitVRLittleEndian)) is None
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_header_check_answers_alike_whatever_the_head_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The head held in memory is an optimisation only: every answer is the one reading the file gives."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        objects = list(Generator(tmp_path / "objects", None, seed=7).objects())
-
-    def answers() -> list[tuple]:
-        found: list[tuple] = []
-        for item in objects:
-            with open(item.path, "rb") as handle:
-                try:
-                    header = header_check.read_header(handle, os.fstat(handle.fileno()).st_size)
-                except header_check.RefusedObject as refused:
-                    found.append((refused.status, refused.reason))
-                    continue
-            found.append((header.transfer_syntax, header.pixel_tag, header.pixel_length,
-                          tuple(map(int, header.dataset.keys()))))
-        return found
-
-    expected = answers()
-    assert sum(isinstance(answer[0], int) for answer in expected) >= 400  # mostly refusals: the fuzz kinds
-    for head in (1, 133, 700, 4096):
-        monkeypatch.setattr(header_check, "HEAD_BYTES", head)
-        assert answers() == expected, head

@@ -11,8 +11,6 @@ exception. Here:
   syntaxes, against rows x columns x samples x bits allocated x frames; encapsulated Pixel Data is walked item
   header by item header (seeks, no reads of fragments) up to its sequence delimiter;
 * every short read while parsing means the object is cut short (a tracking reader notices it);
-* a received file's first :data:`HEAD_BYTES` are read once and parsed from memory (:class:`_HeadFile`); beyond
-  them reads and seeks go to the file, so a huge object still costs one head of memory;
 * a Deflated data set is inflated in bounded steps: the first :data:`MAX_HEADER_BYTES` are kept for parsing,
   the rest only counted, and inflation stops as soon as the output passes :func:`inflate_ceiling`;
 * every value the node reads from the received data set goes through :func:`value`, which turns a conversion
@@ -24,13 +22,11 @@ offsets, lengths and exception type names only, never an element's value or a pa
 
 from __future__ import annotations
 
-import errno
 import io
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -59,7 +55,6 @@ RATIO_FLOOR = 64 * 1024 * 1024
 _MAX_ITEMS = 1_000_000  # encapsulated Pixel Data items walked at most
 _CHUNK = 1 << 20  # deflated bytes read at a time
 _INFLATE_STEP = 4 << 20  # inflated bytes per step (smaller steps cost more time per byte)
-HEAD_BYTES = 64 * 1024  # bytes of a received file held in memory while its header is parsed (_HeadFile)
 
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float and Double Float Pixel Data
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -86,57 +81,6 @@ class Header:
     pixel_length: int | None = None  # declared; 0xFFFFFFFF = encapsulated (undefined length)
 
 
-class _HeadFile:
-    """A file whose first ``head_bytes`` are read once and served from memory (reads, ``tell``, ``seek``), the
-    rest read from the file itself. Why: pydicom's parser calls ``tell()`` ~50 times per header and each is a
-    system call (lseek) on a real file; a header almost always fits the head. Offsets stay the file's own, and
-    past the head every read, seek and length check meets the real file as before (memory stays one head)."""
-
-    def __init__(self, raw: IO[bytes], head_bytes: int) -> None:
-        self._raw = raw
-        self._start = raw.tell()
-        self._head = raw.read(head_bytes)
-        self._head_end = self._start + len(self._head)  # file offset just past the held bytes
-        self._raw_at = self._head_end  # where the real file is positioned
-        self._at = self._start
-
-    def read(self, size: int | None = -1) -> bytes:
-        at = self._at
-        if at < self._head_end and at >= self._start:
-            offset = at - self._start
-            if size is not None and 0 <= size <= len(self._head) - offset:
-                data = self._head[offset:offset + size]
-            else:
-                held = self._head[offset:]
-                data = held + self._read_file(self._head_end, -1 if size is None or size < 0 else size - len(held))
-        else:
-            data = self._read_file(at, size)
-        self._at = at + len(data)
-        return data
-
-    def _read_file(self, at: int, size: int | None) -> bytes:
-        if size == 0:
-            return b""
-        if self._raw_at != at:
-            self._raw.seek(at)
-        data = self._raw.read(size)
-        self._raw_at = at + len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 2:  # relative to the end: only the file knows it
-            self._at = self._raw_at = self._raw.seek(offset, 2)
-            return self._at
-        position = offset + (self._at if whence == 1 else 0)
-        if whence not in (0, 1) or position < 0:
-            raise OSError(errno.EINVAL, "invalid seek")
-        self._at = position
-        return position
-
-    def tell(self) -> int:
-        return self._at
-
-
 class _TrackingReader:
     """A file wrapper for pydicom's parser that remembers any read cut short by the end of the data: the
     parser treats several of those as a normal end, but for a received object they mean truncation. The one
@@ -145,15 +89,18 @@ class _TrackingReader:
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
         self.short = False
-        # Positions need no tracking: the parser calls tell() ~50 times per header, so straight to the file.
-        self.seek: Callable[..., int] = raw.seek
-        self.tell: Callable[[], int] = raw.tell
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         if size is not None and size > 0 and len(data) < size and not (size == 8 and not data):
             self.short = True
         return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 def kind(error: BaseException) -> str:
@@ -186,8 +133,6 @@ def read_header(source: IO[bytes], total_size: int, *, require_pixels: bool = Tr
 
 
 def _read(source: IO[bytes], total_size: int, require_pixels: bool) -> Header:
-    if not isinstance(source, io.BytesIO):  # held in memory already
-        source = cast(IO[bytes], _HeadFile(source, HEAD_BYTES))
     reader = _TrackingReader(source)
     if len(reader.read(128)) < 128 or source.read(4) != b"DICM":
         raise RefusedObject(STATUS_UNREADABLE, "not a DICOM Part 10 object (no DICM prefix)")

@@ -261,6 +261,11 @@ class ReceiverPool:
         return True
 
 
+def open_acceptors(ae: Any) -> int:
+    """Associations this process's pynetdicom AE has accepted and not yet ended."""
+    return sum(1 for assoc in ae.active_associations if assoc.is_acceptor)
+
+
 class RoutingAssociationServer(ThreadedAssociationServer):
     """The node's listener with receiving processes: storage-only associations go to one of them, the rest (and
     everything while the node's association limit is reached, so that the node itself refuses it) stay here."""
@@ -275,8 +280,7 @@ class RoutingAssociationServer(ThreadedAssociationServer):
         super().finish_request(request, client_address)
 
     def _routed(self, connection: socket.socket, peer: Any) -> bool:
-        acceptors = [assoc for assoc in self.ae.active_associations if assoc.is_acceptor]
-        room = self.ae.maximum_associations - len(acceptors)
+        room = self.ae.maximum_associations - open_acceptors(self.ae)
         if self.receivers.open_associations() >= room:
             return False
         request = peek_associate_request(connection, self.peek_timeout_s)

@@ -61,6 +61,7 @@ from dicom_node.receive.receivers import (
     RoutedConnection,
     RoutingAssociationServer,
     StoreAnswered,
+    open_acceptors,
 )
 from dicom_node.receive.tls_server import TlsAssociationServer
 from dicom_node.store.layout import NodeLayout
@@ -146,34 +147,30 @@ class _SourceCheckingACSE(ACSE):
         calling_ae = str(getattr(request, "calling_ae_title", "") or "").strip()
         peer_ip = str(self.requestor.address)
         why = self.policy.refusal(calling_ae, peer_ip)
-        if why is None and self._over_limit():
+        if why is not None:
+            # Rejected-permanent, source: service user, reason: calling AE title not recognized (PS3.8 9.3.4)
+            self._reject(calling_ae, peer_ip, why, (0x01, 0x01, 0x03))
+        elif self._over_limit():
             # pynetdicom counts this process's associations only; the limit is the node's, routed ones included.
             # Rejected-transient, source: service provider (presentation), reason: local limit exceeded.
-            logger.warning("event=association_rejected calling_ae=%s peer_ip=%s reason='local limit exceeded'",
-                           calling_ae, peer_ip)
-            self.requestor.ae_title = calling_ae
-            self.send_reject(0x02, 0x03, 0x02)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        if why is None:
+            self._reject(calling_ae, peer_ip, "local limit exceeded", (0x02, 0x03, 0x02))
+        else:
             called_ae = str(getattr(request, "called_ae_title", "") or "").strip()
             if called_ae in self.called_titles:
                 self.acceptor.ae_title = called_ae
             super()._negotiate_as_acceptor()
-            return
+
+    def _reject(self, calling_ae: str, peer_ip: str, why: str, result_source_reason: tuple[int, int, int]) -> None:
         self.requestor.ae_title = calling_ae
         logger.warning("event=association_rejected calling_ae=%s peer_ip=%s reason=%r", calling_ae, peer_ip, why)
-        # Rejected-permanent, source: service user, reason: calling AE title not recognized (PS3.8 9.3.4)
-        self.send_reject(0x01, 0x01, 0x03)
+        self.send_reject(*result_source_reason)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 
     def _over_limit(self) -> bool:
         if self.routed_open is None:
             return False
-        acceptors = [assoc for assoc in self.assoc.ae.active_associations if assoc.is_acceptor]
-        return len(acceptors) + self.routed_open() > self.assoc.ae.maximum_associations
+        return open_acceptors(self.assoc.ae) + self.routed_open() > self.assoc.ae.maximum_associations
 
 
 def _request_handler(policy: SourcePolicy, called_titles: frozenset[str], *,
@@ -359,7 +356,6 @@ class StorageSCP:
         _config.LOG_HANDLER_LEVEL = "none"
         self.layout.incoming.mkdir(parents=True, exist_ok=True)
         ae = self.build_ae()
-        ae.maximum_associations = node.max_associations  # the node enforces the limit before routing
         self._on_answer, self._on_ended = on_answer, on_ended
         request_handler = _request_handler(self.policy, self.find.called_titles, on_create=self._routed_created,
                                            incoming_dir=self.layout.incoming)
