@@ -200,6 +200,8 @@ def test_the_node_stores_the_head_ct_but_embeds_only_the_chest_study(tmp_path: P
             wait_for(lambda: {s.state for s in node.store.studies()} == {StudyState.NOT_EMBEDDED,
                                                                          StudyState.REPORTED}, 90,
                      "the head CT judged and the chest CT reported")
+            # "reported" means the SR is made and queued; the delivery worker sends it on its next poll.
+            wait_for(lambda: any(pacs.glob("SR*")), 30, "the chest study's SR at the PACS")
             studies = {s.study_uid: s for s in node.store.studies()}
         finally:
             node.stop()

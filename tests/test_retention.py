@@ -109,6 +109,8 @@ def test_keep_volume_then_later_instances_then_keep_none(tmp_path: Path, lung_ct
             assert storescu(node.scp.port, files).returncode == 0
             wait_for(lambda: node.store.studies() and node.store.studies()[0].state == StudyState.REPORTED, 90,
                      "the study reported")
+            # "reported" means the SR is made and queued; the delivery worker sends it on its next poll.
+            wait_for(lambda: any(pacs.glob("SR*")), 30, "the SR at the PACS")
             # The pipeline applies retention after reporting once it is wired; applying it again is harmless.
             apply_retention(settings, node.layout, node.store, study_uid, 1)
             (study,) = node.store.studies()
